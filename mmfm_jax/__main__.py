@@ -1,0 +1,4 @@
+from mmfm_jax.cli import run
+
+if __name__ == "__main__":
+    run()

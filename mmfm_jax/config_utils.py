@@ -1,0 +1,84 @@
+"""Config helpers: validation that names the offending key, before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value is missing or invalid; the message names the key (``config.a.b``)."""
+
+
+def get_key(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            raise ConfigError(f"config.{key}: missing") from None
+    return node
+
+
+def check(cfg: ml_collections.ConfigDict, key: str, ok: Callable[[Any], bool], what: str) -> Any:
+    """Raise ``ConfigError('config.<key> = v: <what>')`` unless ``ok(value)``; return the value."""
+    v = get_key(cfg, key)
+    try:
+        good = bool(ok(v))
+    except Exception:  # noqa: BLE001  (a predicate that fails on this type means a bad value)
+        good = False
+    if not good:
+        raise ConfigError(f"config.{key} = {v!r}: {what}")
+    return v
+
+
+def check_choice(cfg: ml_collections.ConfigDict, key: str, choices: Iterable[Any]) -> Any:
+    choices = tuple(choices)
+    return check(cfg, key, lambda v: v in choices, f"must be one of {choices}")
+
+
+def check_positive(cfg: ml_collections.ConfigDict, key: str, allow_zero: bool = False) -> Any:
+    return check(cfg, key, (lambda v: v >= 0) if allow_zero else (lambda v: v > 0),
+                 "must be >= 0" if allow_zero else "must be > 0")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields every job config has: seed, mesh, sharding rules, distributed set-up, logging."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=0))
+    c.sharding = ml_collections.ConfigDict(dict(rules=()))
+    c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0, coordinator_address=""))
+    c.log_every = 50
+    return c
+
+
+def validate_base(cfg: ml_collections.ConfigDict) -> None:
+    for ax in ("data", "fsdp"):
+        check(cfg, f"mesh.{ax}", lambda v: isinstance(v, int) and (v == -1 or v > 0), "must be a positive int or -1")
+    check(cfg, "mesh.num_devices", lambda v: isinstance(v, int) and v >= 0, "must be >= 0 (0 = all devices)")
+    check(cfg, "distributed.num_processes", lambda v: isinstance(v, int) and v >= 1, "must be >= 1")
+
+
+def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """Load ``path/to/config.py[:variant]`` like ``--config=`` does (for tests and notebooks), then apply
+    ``{'a.b': value}`` overrides; unknown keys raise ``ConfigError`` naming the key."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location(f"_mmfm_config_{abs(hash(path))}", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ConfigError(f"config file {path!r} not found")
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = get_key(cfg, ".".join(parents)) if parents else cfg
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigError(f"config.{key}: unknown key")
+        node[leaf] = value
+    cfg.lock()
+    return cfg

@@ -1,0 +1,339 @@
+"""Meshes, logical-to-mesh axis rules and multi-host helpers.
+
+This is the only module that knows the mesh axis names (``data``, ``fsdp``). Everything else speaks in
+*logical* axis names (``batch``, ``embed``, ``mlp``, ``heads``, ``modes``, ...) and asks this module for a
+``PartitionSpec`` / ``NamedSharding``.
+
+Conventions:
+- The default mesh is ``('data', 'fsdp')``; the batch is split over both axes, large parameters over ``fsdp``.
+- A mesh size of ``-1`` means "all remaining devices".
+- Meshes use ``AxisType.Auto`` (jax >= 0.7 defaults ``jax.make_mesh`` to Explicit axes, which breaks the classic
+  ``jit(in_shardings=...)`` flow), so code works on both our pinned jax and newer ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Logical names are metadata only; we apply the rules ourselves (see ``state_shardings``).
+flax.config.update("flax_always_shard_variable", False)
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp")
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+# logical axis name -> mesh axis (str), tuple of mesh axes, or None (replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("samples", BATCH_AXES),  # data points of a GMM fit
+    ("modes", BATCH_AXES),  # GMM components (K), e.g. the 8192 x 196,608 spatial table
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+    ("vocab", None),
+    ("features", None),
+    ("length", None),
+    ("layers", None),
+    ("channels", None),
+)
+
+log = logging.getLogger(__name__)
+
+
+def _rules_dict(rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
+    if rules is None:
+        return dict(DEFAULT_RULES)
+    if isinstance(rules, Mapping):
+        items = rules.items()
+    else:
+        items = rules
+    out = {}
+    for name, axes in items:
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        out[name] = axes
+    return out
+
+
+def rules_from_config(cfg: Any) -> dict[str, Any]:
+    """Rules from an optional ``cfg.sharding.rules`` (a tuple of ``(logical, mesh_axes)``) over the defaults."""
+    rules = dict(DEFAULT_RULES)
+    sharding = getattr(cfg, "sharding", None) if cfg is not None else None
+    extra = getattr(sharding, "rules", None) if sharding is not None else None
+    if extra:
+        for item in extra:
+            if len(item) != 2:
+                raise ValueError(f"config.sharding.rules: each rule is (logical_name, mesh_axes); got {item!r}")
+            name, axes = item
+            axes = tuple(axes) if isinstance(axes, list) else axes
+            for a in (axes if isinstance(axes, tuple) else (axes,)):
+                if a is not None and a not in MESH_AXES:
+                    raise ValueError(f"config.sharding.rules: unknown mesh axis {a!r} for {name!r} (have {MESH_AXES})")
+            rules[name] = axes
+    return rules
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-host
+
+
+def maybe_initialize_distributed(cfg: Any = None) -> bool:
+    """Initialise ``jax.distributed`` when the config or the environment says the job spans several processes.
+
+    Triggers, in order: ``cfg.distributed.num_processes > 1`` (with ``coordinator_address`` and ``process_id``);
+    ``MMFM_COORDINATOR_ADDRESS``/``MMFM_NUM_PROCESSES``/``MMFM_PROCESS_ID`` (our local launcher);
+    a SLURM allocation with several tasks, or a multi-host TPU VM (``jax.distributed.initialize()`` auto-detects
+    both). Returns True if it initialised. Safe to call twice.
+    """
+    if jax.distributed.is_initialized():
+        return False
+    dist = getattr(cfg, "distributed", None) if cfg is not None else None
+    kwargs: dict[str, Any] = {}
+    n_cfg = int(getattr(dist, "num_processes", 1) or 1) if dist is not None else 1
+    env = os.environ
+    if n_cfg > 1:
+        kwargs = dict(
+            coordinator_address=dist.coordinator_address,
+            num_processes=n_cfg,
+            process_id=int(dist.process_id),
+        )
+    elif int(env.get("MMFM_NUM_PROCESSES", "1")) > 1:
+        kwargs = dict(
+            coordinator_address=env["MMFM_COORDINATOR_ADDRESS"],
+            num_processes=int(env["MMFM_NUM_PROCESSES"]),
+            process_id=int(env["MMFM_PROCESS_ID"]),
+        )
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+        kwargs = {}
+    else:
+        return False
+    local = env.get("MMFM_LOCAL_DEVICE_IDS")
+    if local:
+        kwargs["local_device_ids"] = [int(i) for i in local.split(",")]
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Barrier across processes (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Meshes
+
+
+def resolve_mesh_shape(sizes: Sequence[int], n_devices: int, names: Sequence[str] = MESH_AXES) -> tuple[int, ...]:
+    """Replace one ``-1`` by the remaining devices; check that the product equals ``n_devices``."""
+    sizes = [int(s) for s in sizes]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(names, sizes))}")
+    for n, s in zip(names, sizes):
+        if s == 0 or s < -1:
+            raise ValueError(f"config.mesh.{n}: must be positive or -1, got {s}")
+    known = int(np.prod([s for s in sizes if s != -1])) if sizes else 1
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"config.mesh: {dict(zip(names, sizes))} does not divide {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if int(np.prod(sizes)) != n_devices:
+        raise ValueError(f"config.mesh: {dict(zip(names, sizes))} uses {int(np.prod(sizes))} devices, have {n_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int] | Any = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ``Mesh`` with axes ``('data', 'fsdp')`` over ``devices`` (default: all global devices).
+
+    ``shape`` is a mapping (or config node) ``{'data': d, 'fsdp': f}`` or a sequence ``(d, f)``; ``-1`` = the rest.
+    Default: everything on ``data``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if shape is None:
+        sizes = [-1, 1]
+    elif isinstance(shape, Sequence):
+        sizes = list(shape)
+    else:
+        get = shape.get if hasattr(shape, "get") else lambda k, d=None: getattr(shape, k, d)
+        sizes = [get(a, 1) for a in MESH_AXES]
+        sizes = [-1 if s is None else s for s in sizes]
+    dims = resolve_mesh_shape(sizes, len(devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == jax.device_count() and devices == list(jax.devices()):
+        try:
+            return jax.make_mesh(dims, MESH_AXES, axis_types=axis_types)
+        except Exception:  # noqa: BLE001  (device-topology helpers can refuse odd shapes on CPU)
+            pass
+    arr = np.asarray(devices, dtype=object).reshape(dims)
+    return Mesh(arr, MESH_AXES, axis_types=axis_types)
+
+
+def mesh_from_config(cfg: Any) -> Mesh:
+    """``make_mesh(cfg.mesh)``; ``cfg.mesh.num_devices`` (if > 0) restricts to the first N devices (single process)."""
+    mesh_cfg = getattr(cfg, "mesh", None)
+    n = int(getattr(mesh_cfg, "num_devices", 0) or 0) if mesh_cfg is not None else 0
+    devices = None
+    if n > 0:
+        if jax.process_count() > 1:
+            raise ValueError("config.mesh.num_devices: only supported in a single process")
+        if n > jax.device_count():
+            raise ValueError(f"config.mesh.num_devices={n} but only {jax.device_count()} devices are available")
+        devices = jax.devices()[:n]
+    return make_mesh(mesh_cfg, devices)
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    """The global batch must be a multiple of this (the number of batch shards)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logical axes -> shardings
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules: Any = None, mesh: Mesh | None = None) -> PartitionSpec:
+    """Map logical axis names to a ``PartitionSpec``. A mesh axis is used at most once (later uses replicate).
+
+    With ``mesh`` given, mesh axes of size 1 are dropped (cleaner specs, identical placement).
+    """
+    if logical is None:
+        return PartitionSpec()
+    r = _rules_dict(rules) if not isinstance(rules, dict) else rules
+    used: set[str] = set()
+    out: list[Any] = []
+    for name in logical:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in r:
+            raise KeyError(f"logical axis {name!r} has no sharding rule (known: {sorted(r)})")
+        axes = r[name]
+        if axes is None:
+            out.append(None)
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def logical_sharding(mesh: Mesh, logical: Sequence[str | None] | None, rules: Any = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_mesh_spec(logical, rules, mesh))
+
+
+def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dimensions they do not divide (e.g. a 1000-row table on 16 devices): replicate instead."""
+    out = []
+    for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if entry is None:
+            out.append(None)
+            continue
+        axes = (entry,) if isinstance(entry, str) else tuple(entry)
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        out.append(entry if shape[i] % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def state_shardings(mesh: Mesh, abstract_state: Any, rules: Any = None) -> Any:
+    """``NamedSharding`` per leaf of an ``nnx.State`` (or any pytree of Variables/arrays) from logical metadata.
+
+    Leaves without logical names are replicated. Axes that do not divide the dimension are replicated.
+    """
+    from flax import nnx
+
+    r = rules if isinstance(rules, dict) else _rules_dict(rules)
+
+    def one(x):
+        names = None
+        if isinstance(x, nnx.Variable):
+            meta = x.get_metadata()
+            names = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+            shape = x.get_value().shape if hasattr(x, "get_value") else x.value.shape
+        else:
+            shape = x.shape
+        spec = logical_to_mesh_spec(names, r, mesh) if names else PartitionSpec()
+        return NamedSharding(mesh, fit_spec_to_shape(spec, shape, mesh))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading dimension split over ``BATCH_AXES``, the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
+    if axes is not None and len(axes) == 1:
+        axes = axes[0]
+    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host <-> global arrays
+
+
+def host_to_global(tree: Any, mesh: Mesh, sharding: Any = None) -> Any:
+    """Turn host-local batches (leading dim = this process's share) into global ``jax.Array``s split on the batch.
+
+    The global leading size is ``local * process_count``. ``sharding``: one ``NamedSharding`` (or a pytree of
+    them) to use instead of :func:`batch_sharding`.
+    """
+
+    def one(x, sh=None):
+        x = np.asarray(x)
+        sh = sh if sh is not None else batch_sharding(mesh, x.ndim)
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sh, x, global_shape)
+
+    if sharding is None or isinstance(sharding, NamedSharding):
+        return jax.tree.map(lambda x: one(x, sharding), tree)
+    return jax.tree.map(one, tree, sharding)
+
+
+def global_to_host(tree: Any) -> Any:
+    """Gather global arrays to numpy on every process (fully replicated copy)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def local_batch_slice(global_batch: int) -> slice:
+    """The slice of a global batch (ordered by global example index) that this process feeds."""
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"global batch {global_batch} is not divisible by {n} processes")
+    per = global_batch // n
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Place host values as replicated global arrays (identical on every process)."""
+    sh = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x)[idx]), tree)
+
+
+def zeros_sharded(shape: Sequence[int], dtype: Any, sharding: NamedSharding) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()

@@ -1,0 +1,110 @@
+"""Small shared utilities: atomic JSON files, a console + TensorBoard metric writer, progress bars, dtypes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("mmfm_jax")
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "float64": jnp.float64}
+
+
+def dtype_from_name(name: str, key: str = "dtype") -> Any:
+    """``'bf16' | 'bfloat16' | 'fp32' | 'float32' | ...`` -> jnp dtype; errors name the config ``key``."""
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"config.{key}: unknown dtype {name!r} (choose from {sorted(DTYPES)})") from None
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.generic, jax.Array)) and np.ndim(x) == 0:
+        x = np.asarray(x).item()
+    if isinstance(x, np.ndarray | jax.Array):
+        return np.asarray(x).tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+class MetricWriter:
+    """Scalars to the console (``logging``) and TensorBoard event files (tensorboardX), on process 0 only."""
+
+    def __init__(self, logdir: str | os.PathLike | None, enabled: bool | None = None):
+        self.enabled = (jax.process_index() == 0) if enabled is None else enabled
+        self._tb = None
+        if self.enabled and logdir is not None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: Mapping[str, Any], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        vals = {k: float(np.asarray(v)) for k, v in values.items()}
+        if self._tb is not None:
+            for k, v in vals.items():
+                self._tb.add_scalar(k, v, int(step))
+        if console:
+            log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in vals.items()))
+
+    def image(self, tag: str, step: int, image_hwc_uint8: np.ndarray) -> None:
+        if self._tb is not None:
+            self._tb.add_image(tag, np.asarray(image_hwc_uint8), int(step), dataformats="HWC")
+
+    def text(self, tag: str, step: int, text: str) -> None:
+        if self._tb is not None:
+            self._tb.add_text(tag, text, int(step))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
+             disable: bool | None = None):
+    """A tqdm progress bar on process 0 (disabled elsewhere, and when MMFM_NO_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = jax.process_index() != 0 or os.environ.get("MMFM_NO_PROGRESS") == "1"
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True, leave=False)
