@@ -210,7 +210,9 @@ def batch_size_multiple(mesh: Mesh) -> int:
 # Logical axes -> shardings
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None] | None, rules: Any = None, mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_mesh_spec(
+    logical: Sequence[str | None] | None, rules: Any = None, mesh: Mesh | None = None
+) -> PartitionSpec:
     """Map logical axis names to a ``PartitionSpec``. A mesh axis is used at most once (later uses replicate).
 
     With ``mesh`` given, mesh axes of size 1 are dropped (cleaner specs, identical placement).

@@ -1,0 +1,8 @@
+"""Benchmarks: ``python -m mmfm_jax.bench <name> [flags]``. They print side-by-side figures; never run in tests."""
+
+BENCHES: dict[str, str] = {
+    "gmm": "mmfm_jax.bench.gmm",
+    "train": "mmfm_jax.bench.train",
+    "encode": "mmfm_jax.bench.encode",
+    "sample": "mmfm_jax.bench.sample",
+}

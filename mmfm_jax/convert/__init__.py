@@ -1,0 +1,1 @@
+"""mmfm_jax.convert."""
