@@ -1,0 +1,55 @@
+import subprocess
+import sys
+
+from mmfm_jax import launch
+
+
+def _run(args):
+    out = subprocess.run([sys.executable, "-m", "mmfm_jax.launch", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_tpu_dry_run():
+    text = _run(["tpu", "--name=pod", "--zone=us-east5-a", "--accelerator=v5p-16", "--create", "--dry-run",
+                 "--env=FOO=1", "--", "train", "--config=configs/train.py:xl_mode", "--workdir=gs://b/r"])
+    lines = text.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("gcloud compute tpus tpu-vm create pod --zone=us-east5-a")
+    assert "--accelerator-type=v5p-16" in lines[0]
+    assert "--worker=all" in lines[1] and "pip install" in lines[1]
+    assert "--worker=all" in lines[2]
+    assert "FOO=1 python3 -m mmfm_jax train --config=configs/train.py:xl_mode --workdir=gs://b/r" in lines[2]
+
+
+def test_tpu_reuse_skip_install():
+    text = _run(["tpu", "--name=pod", "--zone=z", "--skip-install", "--dry-run", "--", "sample"])
+    assert len(text.strip().splitlines()) == 1 and "create" not in text
+
+
+def test_slurm_dry_run():
+    text = _run(["slurm", "--nodes=2", "--gpus-per-node=8", "--per=gpu", "--partition=gpu", "--dry-run", "--",
+                 "train", "--config=configs/train.py:xl_mode"])
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text
+    assert "#SBATCH --partition=gpu" in text
+    assert "srun --kill-on-bad-exit=1 python3 -m mmfm_jax train --config=configs/train.py:xl_mode" in text
+    text = _run(["slurm", "--nodes=2", "--per=node", "--dry-run", "--", "sample"])
+    assert "#SBATCH --ntasks-per-node=1" in text
+
+
+def test_local_dry_run():
+    text = _run(["local", "--processes=2", "--cpu-devices=4", "--port=12345", "--dry-run", "--", "toy"])
+    lines = text.strip().splitlines()
+    assert len(lines) == 2
+    for pid, line in enumerate(lines):
+        assert f"MMFM_PROCESS_ID={pid}" in line and "MMFM_NUM_PROCESSES=2" in line
+        assert "MMFM_COORDINATOR_ADDRESS=127.0.0.1:12345" in line
+        assert "--xla_force_host_platform_device_count=4" in line
+        assert line.endswith("-m mmfm_jax toy")
+
+
+def test_bad_env_flag():
+    import pytest
+
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        launch.main(["local", "--dry-run", "--env=oops", "--", "toy"])
