@@ -1,0 +1,112 @@
+"""Latent normalisation statistics: per-position (token, channel) mean and variance.
+
+The official DINOv2-B file (``stat.pt``) holds only ``var`` [C, H, W] (``mean`` is None); latents are divided by
+``sqrt(var + 1e-5)`` (and the mean subtracted only when present). Ours are tokens-last ``[L, C]`` and saved as
+``stats.npz`` with ``var`` (and ``mean`` when computed), plus ``count``.
+
+Streaming: :func:`update` merges a (global, batch-sharded) batch into running (count, mean, M2) with Chan's
+parallel formula, in fp32 on the device; the reduction over the global batch is done by ``jit`` across all devices
+and processes, so multi-host runs need no extra merge. :func:`merge` combines two partial results (e.g. resumed runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORM_EPS = 1e-5
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RunningStats:
+    count: jax.Array  # [] float32
+    mean: jax.Array  # [L, C]
+    m2: jax.Array  # [L, C] sum of squared deviations
+
+
+def init(shape: tuple[int, int]) -> RunningStats:
+    return RunningStats(jnp.zeros((), jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+def merge(a: RunningStats, b: RunningStats) -> RunningStats:
+    n = a.count + b.count
+    safe = jnp.maximum(n, 1.0)
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / safe)
+    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / safe)
+    return RunningStats(n, mean, m2)
+
+
+@jax.jit
+def update(stats: RunningStats, latents: jax.Array, valid: jax.Array) -> RunningStats:
+    """Merge a batch ``latents`` [B, L, C] with ``valid`` [B] (padding rows excluded)."""
+    x = latents.astype(jnp.float32)
+    w = valid.astype(jnp.float32)[:, None, None]
+    n = jnp.sum(w)
+    mean = jnp.sum(x * w, 0) / jnp.maximum(n, 1.0)
+    m2 = jnp.sum(w * (x - mean) ** 2, 0)
+    return merge(stats, RunningStats(n, mean, m2))
+
+
+def variance(stats: RunningStats) -> np.ndarray:
+    """Population variance [L, C] (ddof 0)."""
+    return np.asarray(stats.m2) / max(float(stats.count), 1.0)
+
+
+def save_stats(path: str | os.PathLike, var: np.ndarray, mean: np.ndarray | None = None, count: float = 0.0) -> None:
+    arrays = {"var": np.asarray(var, np.float32), "count": np.float64(count)}
+    if mean is not None:
+        arrays["mean"] = np.asarray(mean, np.float32)
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_stats(path: str | os.PathLike, tokens: int | None = None, channels: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (var [L, C], mean [L, C] or None). Reads our ``stats.npz`` or the official ``stat.pt`` (needs torch)."""
+    path = str(path)
+    if path.endswith((".pt", ".pth")):
+        return import_official_stats(path)
+    with np.load(path) as z:
+        var = z["var"]
+        mean = z["mean"] if "mean" in z.files else None
+    if tokens is not None and var.shape != (tokens, channels):
+        raise ValueError(f"{path}: var has shape {var.shape}, expected ({tokens}, {channels})")
+    return var, mean
+
+
+def chw_to_tokens(a: np.ndarray) -> np.ndarray:
+    """Official [C, H, W] -> ours [H*W, C]."""
+    c, h, w = a.shape
+    return np.ascontiguousarray(a.transpose(1, 2, 0).reshape(h * w, c))
+
+
+def import_official_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """The official ``stat.pt`` ({'mean': None | Tensor[C,H,W], 'var': Tensor[C,H,W]}) -> ([L, C], [L, C] | None)."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"reading {path} needs torch (pip install torch==2.13.0)") from None
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "var" not in obj:
+        raise ValueError(f"{path}: expected a dict with 'var' (and 'mean'), got {type(obj).__name__}")
+    var = chw_to_tokens(obj["var"].float().numpy())
+    mean = obj.get("mean")
+    return var, (chw_to_tokens(mean.float().numpy()) if mean is not None else None)
+
+
+def normalize(latents: jax.Array, var: jax.Array, mean: jax.Array | None = None) -> jax.Array:
+    """``(z - mean) / sqrt(var + 1e-5)`` (mean only when given); latents [..., L, C], var/mean [L, C]."""
+    z = latents if mean is None else latents - mean
+    return z / jnp.sqrt(var + NORM_EPS)
+
+
+def denormalize(latents: jax.Array, var: jax.Array, mean: jax.Array | None = None) -> jax.Array:
+    z = latents * jnp.sqrt(var + NORM_EPS)
+    return z if mean is None else z + mean
