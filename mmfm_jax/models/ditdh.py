@@ -1,0 +1,329 @@
+"""DiTDH (``DiTwDDTHead`` of RAE / MM-FM) in Flax NNX.
+
+A DiT body ("s-branch") on the noisy latent with a fixed 2-D sin-cos position embedding and RoPE, conditioned on
+``c = SiLU(t_emb [+ mode_emb])``; then ``s = SiLU(t_emb + s)`` per token, projected to the wide DDT head, which
+re-embeds the noisy input and is conditioned per token on ``s``; a final adaLN layer gives the velocity.
+See ``shared/reference/mmfm_rae_spec.md`` section 2b.
+
+Conventions: input/output tokens-last ``[B, L, C_in]`` with ``L = H*W`` row-major (the official model uses
+``[B, C, H, W]``: convert only at the edges); ``t`` in [0, 1] with t = 0 data, t = 1 source; the output is the
+velocity ``x_source - x_data`` in fp32. Parameters are fp32; ``config.dtype`` is the matmul compute dtype; the
+residual stream stays fp32 (as under torch autocast).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmfm_jax.models.layers import (
+    REMAT_POLICIES,
+    Attention,
+    Buffer,
+    Dense,
+    GaussianFourierEmbedding,
+    GeluMlp,
+    LayerNormNoAffine,
+    RMSNorm,
+    SwiGLU,
+    maybe_remat,
+    modulate,
+    normal,
+    param,
+    rope_2d_tables,
+    sincos_pos_embed_2d,
+    swiglu_hidden,
+    xavier_uniform,
+    zeros,
+)
+from mmfm_jax.utils import dtype_from_name
+
+
+@dataclass(frozen=True)
+class DiTDHConfig:
+    """DiTDH hyper-parameters. Pairs are ``(s-branch, head)``. ``num_modes`` is the mode/label table size
+    (8192 for MM-FM GMM runs; 1000 for the Gaussian baseline). ``dtype``: matmul compute dtype
+    (``'float32' | 'bfloat16'``), params are always fp32. ``scan_layers``: scan over the identical s-branch blocks
+    (faster compile; parameters stacked on a leading ``layers`` axis). ``remat``: ``'none' | 'block' | 'dots' |
+    'dots_all'``. ``attn_impl``: ``'auto' | 'xla' | 'cudnn'``."""
+
+    in_channels: int = 768
+    input_size: int = 16
+    patch_size: int = 1
+    hidden_size: tuple[int, int] = (1152, 2048)
+    depth: tuple[int, int] = (28, 2)
+    num_heads: tuple[int, int] = (16, 16)
+    mlp_ratio: float = 4.0
+    num_modes: int = 8192
+    use_y_conditioning: bool = True
+    use_rope: bool = True
+    use_swiglu: bool = True
+    use_rmsnorm: bool = True
+    use_pos_embed: bool = True
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+    attn_impl: str = "auto"
+    head: str = "velocity"
+    time_embed_size: int = 256
+
+    def __post_init__(self):
+        for f in ("hidden_size", "depth", "num_heads"):
+            v = getattr(self, f)
+            object.__setattr__(self, f, tuple(int(a) for a in (v if isinstance(v, (list, tuple)) else (v, v))))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field."""
+        def bad(field: str, why: str):
+            raise ValueError(f"DiTDHConfig.{field} = {getattr(self, field)!r}: {why}")
+
+        for f in ("hidden_size", "depth", "num_heads"):
+            if len(getattr(self, f)) != 2:
+                bad(f, "must be a pair (s-branch, head)")
+        if any(d <= 0 for d in self.depth):
+            bad("depth", "both depths must be > 0")
+        for i in range(2):
+            if self.hidden_size[i] % self.num_heads[i]:
+                bad("num_heads", f"does not divide hidden_size {self.hidden_size}")
+            hd = self.hidden_size[i] // self.num_heads[i]
+            if self.use_rope and hd % 4:
+                bad("num_heads", f"RoPE needs head_dim % 4 == 0, got head_dim {hd}")
+        if self.use_pos_embed and self.hidden_size[0] % 4:
+            bad("hidden_size", "the 2-D sin-cos position embedding needs hidden_size[0] % 4 == 0")
+        if self.patch_size <= 0 or self.input_size % self.patch_size:
+            bad("patch_size", f"must divide input_size={self.input_size}")
+        if self.use_y_conditioning and self.num_modes <= 0:
+            bad("num_modes", "must be > 0 when use_y_conditioning is True")
+        if self.dtype not in ("float32", "bfloat16", "fp32", "bf16"):
+            bad("dtype", "must be 'float32' or 'bfloat16'")
+        if self.remat not in REMAT_POLICIES:
+            bad("remat", f"must be one of {sorted(REMAT_POLICIES)}")
+        if self.attn_impl not in ("auto", "xla", "cudnn"):
+            bad("attn_impl", "must be 'auto', 'xla' or 'cudnn'")
+        if self.head != "velocity":
+            bad("head", "only 'velocity' is implemented")
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side after patching."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def token_channels(self) -> int:
+        """Channels per token seen by the embedders (``in_channels * p * p``)."""
+        return self.in_channels * self.patch_size ** 2
+
+
+_XL = dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16))
+PRESETS: dict[str, dict[str, Any]] = {
+    "XL": dict(_XL),
+    "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
+    # tests / demo: tiny widths; override in_channels/input_size for the data at hand
+    "tiny": dict(in_channels=16, input_size=8, hidden_size=(64, 96), depth=(2, 1), num_heads=(4, 4), num_modes=16),
+    # the parity fixture (shared/parity/ditdh_small.json)
+    "parity": dict(in_channels=32, input_size=16, hidden_size=(64, 96), depth=(2, 1), num_heads=(4, 4),
+                   num_modes=16),
+}
+
+
+def ditdh_config(name: str = "XL", **overrides: Any) -> DiTDHConfig:
+    """A preset (``'XL' | 'S' | 'tiny' | 'parity'``) with field overrides, e.g.
+    ``ditdh_config('S', num_modes=1000)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiTDH preset {name!r} (have {sorted(PRESETS)})")
+    fields = {f.name for f in dataclasses.fields(DiTDHConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown DiTDHConfig fields {unknown} (have {sorted(fields)})")
+    return DiTDHConfig(**{**PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+class DDTBlock(nnx.Module):
+    """``LightningDDTBlock``: 6-way adaLN (shift/scale/gate for attention and MLP) from ``Linear(SiLU(c))``."""
+
+    def __init__(self, dim: int, heads: int, cfg: DiTDHConfig, *, rngs: nnx.Rngs):
+        dt = dtype_from_name(cfg.dtype)
+        norm = (lambda: RMSNorm(dim)) if cfg.use_rmsnorm else (lambda: LayerNormNoAffine(dim))
+        self.norm1, self.norm2 = norm(), norm()
+        self.attn = Attention(dim, heads, dtype=dt, impl=cfg.attn_impl, rngs=rngs)
+        if cfg.use_swiglu:
+            self.mlp = SwiGLU(dim, swiglu_hidden(dim, cfg.mlp_ratio), dtype=dt, rngs=rngs)
+        else:
+            self.mlp = GeluMlp(dim, int(dim * cfg.mlp_ratio), dtype=dt, rngs=rngs)
+        self.adaLN = Dense(dim, 6 * dim, names=("embed", "mlp"), kernel_init=zeros, bias_init=zeros, dtype=dt,
+                           rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+        """x: ``[B, L, D]`` (fp32 residual); c: ``[B, D]`` or per-token ``[B, L, D]``."""
+        m = self.adaLN(jax.nn.silu(c))
+        if m.ndim == 2:
+            m = m[:, None, :]
+        sh1, sc1, g1, sh2, sc2, g2 = jnp.split(m, 6, axis=-1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x
+
+
+class FinalLayer(nnx.Module):
+    """``linear(norm(x) * (1 + scale) + shift)`` with ``(shift, scale) = Linear(SiLU(c))`` per token (no gate)."""
+
+    def __init__(self, dim: int, out: int, cfg: DiTDHConfig, *, rngs: nnx.Rngs):
+        dt = dtype_from_name(cfg.dtype)
+        self.norm = RMSNorm(dim) if cfg.use_rmsnorm else LayerNormNoAffine(dim)
+        self.adaLN = Dense(dim, 2 * dim, names=("embed", "mlp"), kernel_init=zeros, bias_init=zeros, dtype=dt,
+                           rngs=rngs)
+        self.linear = Dense(dim, out, names=("embed", "channels"), kernel_init=zeros, bias_init=zeros, dtype=dt,
+                            rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.adaLN(jax.nn.silu(c)), 2, axis=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def _block_fn(block: DDTBlock, x: jax.Array, c: jax.Array, cos: jax.Array | None, sin: jax.Array | None):
+    return block(x, c, None if cos is None else (cos, sin))
+
+
+class DiTDH(nnx.Module):
+    """``DiTDH(config, rngs)(x [B, L, C_in], t [B], y [B] int or None) -> velocity [B, L, C_in]`` (fp32).
+
+    Initialised as the official model for training from scratch: patch embedders xavier-uniform / zero bias, mode
+    table N(0, 0.02), t-MLP weights N(0, 0.02), adaLN and final linear zero, the rest PyTorch defaults.
+    ``pos_embed`` and ``t_embedder.W`` are ``Buffer``s (non-trainable; saved and loaded).
+    """
+
+    def __init__(self, config: DiTDHConfig, rngs: nnx.Rngs):
+        cfg = self.config = config
+        dt = dtype_from_name(cfg.dtype)
+        ds, dh = cfg.hidden_size
+        cin = cfg.token_channels
+        self.s_embedder = Dense(cin, ds, names=("channels", "embed"), kernel_init=xavier_uniform(),
+                                bias_init=zeros, dtype=dt, rngs=rngs)
+        self.x_embedder = Dense(cin, dh, names=("channels", "embed"), kernel_init=xavier_uniform(),
+                                bias_init=zeros, dtype=dt, rngs=rngs)
+        self.s_projector = (Dense(ds, dh, names=("embed", "mlp"), dtype=dt, rngs=rngs) if ds != dh else None)
+        self.t_embedder = GaussianFourierEmbedding(ds, cfg.time_embed_size, rngs=rngs)
+        self.y_embedder = (param(normal(0.02)(rngs.params(), (cfg.num_modes, ds), jnp.float32), ("vocab", "embed"))
+                           if cfg.use_y_conditioning else None)
+        self.pos_embed = Buffer(jnp.asarray(sincos_pos_embed_2d(ds, cfg.grid))) if cfg.use_pos_embed else None
+
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.depth[0])
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return DDTBlock(ds, cfg.num_heads[0], cfg, rngs=r)
+
+            self.blocks = make(rngs)
+        else:
+            self.blocks = nnx.List([DDTBlock(ds, cfg.num_heads[0], cfg, rngs=rngs) for _ in range(cfg.depth[0])])
+        self.head_blocks = nnx.List([DDTBlock(dh, cfg.num_heads[1], cfg, rngs=rngs) for _ in range(cfg.depth[1])])
+        self.final_layer = FinalLayer(dh, cin, cfg, rngs=rngs)
+
+    # -- tokens <-> patches (identity for patch_size 1) --------------------------------------------------------
+
+    def _patchify(self, x: jax.Array) -> jax.Array:
+        p, g, b = self.config.patch_size, self.config.grid, x.shape[0]
+        if p == 1:
+            return x
+        x = x.reshape(b, g, p, g, p, -1).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, g * g, -1)
+
+    def _unpatchify(self, x: jax.Array) -> jax.Array:
+        p, g, b = self.config.patch_size, self.config.grid, x.shape[0]
+        if p == 1:
+            return x
+        x = x.reshape(b, g, g, p, p, -1).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, g * p * g * p, -1)
+
+    def _rope(self, head_dim: int) -> tuple[jax.Array, jax.Array] | tuple[None, None]:
+        if not self.config.use_rope:
+            return None, None
+        cos, sin = rope_2d_tables(head_dim, self.config.grid)
+        return jnp.asarray(cos), jnp.asarray(sin)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        expect = (cfg.input_size ** 2, cfg.in_channels)
+        if x.ndim != 3 or tuple(x.shape[1:]) != expect:
+            raise ValueError(f"DiTDH input must be [B, {expect[0]}, {expect[1]}] (tokens-last), got {x.shape}")
+        ds, dh = cfg.hidden_size
+        x = self._patchify(x.astype(jnp.float32))
+        t_emb = self.t_embedder(t)  # [B, Ds] fp32
+        if cfg.use_y_conditioning:
+            if y is None:
+                raise ValueError("DiTDH: y is required when use_y_conditioning=True")
+            c = jax.nn.silu(t_emb + jnp.take(self.y_embedder[...], y.astype(jnp.int32), axis=0))
+        else:
+            c = jax.nn.silu(t_emb)
+
+        s = self.s_embedder(x).astype(jnp.float32)
+        if self.pos_embed is not None:
+            s = s + self.pos_embed[...][None]
+        cos, sin = self._rope(ds // cfg.num_heads[0])
+        fn = maybe_remat(_block_fn, cfg.remat)
+        if cfg.scan_layers:
+            scan = nnx.scan(fn, in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry)
+            s = scan(self.blocks, s, c, cos, sin)
+        else:
+            for blk in self.blocks:
+                s = fn(blk, s, c, cos, sin)
+        s = jax.nn.silu(t_emb[:, None, :] + s)
+        if self.s_projector is not None:
+            s = self.s_projector(s)
+
+        h = self.x_embedder(x).astype(jnp.float32)
+        cos, sin = self._rope(dh // cfg.num_heads[1])
+        for blk in self.head_blocks:
+            h = fn(blk, h, s, cos, sin)
+        out = self.final_layer(h, s).astype(jnp.float32)
+        return self._unpatchify(out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def abstract_ditdh(config: DiTDHConfig) -> DiTDH:
+    """The model with ``ShapeDtypeStruct`` leaves (no allocation)."""
+    return nnx.eval_shape(lambda: DiTDH(config, nnx.Rngs(0)))
+
+
+def ditdh_param_count(config: DiTDHConfig, include_buffers: bool = True) -> int:
+    """Number of parameters (``nnx.Param``; plus ``Buffer``s pos_embed and W if ``include_buffers``), as the
+    official count (which includes the frozen pos_embed and W, not the RoPE buffers). No allocation."""
+    state = nnx.state(abstract_ditdh(config), (nnx.Param, Buffer) if include_buffers else nnx.Param)
+    leaves = jax.tree.leaves(state)
+    return int(sum(int(jnp.prod(jnp.array(v.shape))) if v.shape else 1 for v in leaves))
+
+
+def ditdh_flops_per_example(config: DiTDHConfig) -> float:
+    """Forward matmul FLOPs per example (2 x multiply-accumulates), attention included, embedding lookups and
+    element-wise ops excluded. A training step costs about 3x this (forward + backward)."""
+    ds, dh = config.hidden_size
+    n, cin = config.num_tokens, config.token_channels
+
+    def block(d: int, per_token_cond: bool) -> float:
+        f = swiglu_hidden(d, config.mlp_ratio) if config.use_swiglu else int(d * config.mlp_ratio)
+        ffn = 3 * d * f if config.use_swiglu else 2 * d * f
+        per_tok = 4 * d * d + ffn + 2 * n * d  # qkv + proj, FFN, q k^T and attn v
+        ada = 6 * d * d * (n if per_token_cond else 1)
+        return n * per_tok + ada
+
+    macs = config.depth[0] * block(ds, False) + config.depth[1] * block(dh, True)
+    macs += n * cin * (ds + dh)  # s/x embedders
+    macs += n * ds * dh if ds != dh else 0  # s_projector
+    macs += n * (dh * 2 * dh + dh * cin)  # final adaLN + linear
+    macs += 2 * config.time_embed_size * ds + ds * ds  # time MLP
+    return float(2 * macs)
