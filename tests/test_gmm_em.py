@@ -210,9 +210,12 @@ def test_resume_from_mid_fit_state_is_exact(tmp_path):
                                on_iteration=lambda it, lb, s: states.__setitem__(it, s))
     assert info_full["n_iter"] >= 4 and sorted(states) == list(range(1, info_full["n_iter"] + 1))
     assert float(states[3].lower_bound) == info_full["history"][2]["lower_bound"]
-    io.save_em_state(tmp_path / "em", states[3], {"job": "test"})
-    state, meta = io.load_em_state(tmp_path / "em", mesh=mesh)
-    assert meta == {"job": "test"} and int(state.iteration) == 3 and not bool(state.converged)
+    io.save_em_state(tmp_path / "em", states[2], {"job": "test"})
+    io.save_em_state(tmp_path / "em", states[3], {"job": "test"})  # replaces the previous state
+    state = io.load_em_state(tmp_path / "em", mesh=mesh)
+    assert io.read_metadata(tmp_path / "em")["metadata"] == {"job": "test"}
+    assert int(state.iteration) == 3 and not bool(state.converged)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["em"]
     g, info = em.fit(x, k, mesh=mesh, chunk_size=17, state=state)
     assert info["n_iter"] == info_full["n_iter"] and info["init"] == "resumed"
     assert [h["lower_bound"] for h in info["history"]] == [h["lower_bound"] for h in info_full["history"][3:]]

@@ -11,7 +11,10 @@ Format of a fitted GMM (``save_gmm(path, gmm, metadata)``), a directory::
 ``metadata.json`` is written last (by process 0, after every process finished its part of the Orbax save), so
 its presence marks a complete save. An EM state (``save_em_state``) has the same layout with ``state/`` holding
 {"params": {weights, means, variances}, "iteration": int32 [], "lower_bound": float64 [], "converged": bool []}
-and ``"format": "mmfm_jax.gmm.em_state"``. Multi-process: every process calls the save functions (Orbax is
+and ``"format": "mmfm_jax.gmm.em_state"`` (plus iteration / lower_bound / converged in the JSON, for reading).
+``save_em_state`` replaces an existing state safely: it writes ``path.tmp`` completely, then renames it over
+``path``, so a crash mid-save leaves the previous state intact (``load_em_state`` also looks at ``path.old``,
+which exists only for an instant during the swap). Multi-process: every process calls the save functions (Orbax is
 collective); arrays may be sharded or replicated global arrays. Loading needs no knowledge of the saving
 topology: targets are built from the stored shapes (replicated on ``mesh``, or ``sharding``, or device 0).
 """
@@ -19,6 +22,7 @@ topology: targets are built from the stored shapes (replicated on ``mesh``, or `
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -43,6 +47,8 @@ def _gmm_dict(gmm: DiagGMM) -> dict:
 
 def _save(path: str | os.PathLike, sub: str, tree: Any, meta: dict, overwrite: bool) -> None:
     path = os.path.abspath(os.fspath(path))
+    if overwrite and parallel.is_main_process() and os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(path)
     arrays = os.path.join(path, sub)
     meta_path = os.path.join(path, "metadata.json")
     if os.path.exists(arrays) and not overwrite:
@@ -119,21 +125,40 @@ def load_gmm(path: str | os.PathLike, mesh: Mesh | None = None, sharding: Any = 
     return DiagGMM(**{f: out[f] for f in _FIELDS}), meta.get("metadata", {})
 
 
-def save_em_state(path: str | os.PathLike, state: EMState, metadata: dict | None = None, *,
-                  overwrite: bool = False) -> None:
-    """Write a resumable EM state (from ``fit(..., on_iteration=...)``) to the directory ``path``."""
+def save_em_state(path: str | os.PathLike, state: EMState, metadata: dict | None = None) -> None:
+    """Write (or safely replace) a resumable EM state (from ``fit(..., on_iteration=...)``) at directory ``path``."""
     tree = {"params": _gmm_dict(state.params), "iteration": np.asarray(state.iteration, np.int32),
             "lower_bound": np.asarray(state.lower_bound, np.float64), "converged": np.asarray(state.converged, bool)}
     meta = dict(format=STATE_FORMAT, version=VERSION, iteration=int(state.iteration),
                 lower_bound=float(state.lower_bound), converged=bool(state.converged),
                 n_components=state.params.n_components, dim=state.params.dim, metadata=dict(metadata or {}))
-    _save(path, "state", tree, meta, overwrite)
-
-
-def load_em_state(path: str | os.PathLike, mesh: Mesh | None = None, sharding: Any = None) -> tuple[EMState, dict]:
-    """Read an EM state written by :func:`save_em_state`: ``(EMState, metadata)``; placement as :func:`load_gmm`."""
     path = os.path.abspath(os.fspath(path))
-    meta = _read_meta(path, STATE_FORMAT)
+    tmp, old = path + ".tmp", path + ".old"
+    if parallel.is_main_process() and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    _save(tmp, "state", tree, meta, overwrite=False)
+    if parallel.is_main_process():
+        if os.path.exists(path):
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    parallel.sync("gmm_io_em_state_swap")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The full ``metadata.json`` of a saved GMM or EM state (format fields + the caller's ``metadata``)."""
+    return read_json(os.path.join(os.path.abspath(os.fspath(path)), "metadata.json"))
+
+
+def load_em_state(path: str | os.PathLike, mesh: Mesh | None = None, sharding: Any = None) -> EMState:
+    """Read an EM state written by :func:`save_em_state`; placement as :func:`load_gmm`. The caller's metadata:
+    ``read_metadata(path)["metadata"]``."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(os.path.join(path, "metadata.json")) and os.path.exists(path + ".old"):
+        path = path + ".old"
+    _read_meta(path, STATE_FORMAT)
     sdir = os.path.join(path, "state")
     tree, sh = _targets(sdir, sharding, mesh)
     shs = _gmm_shardings(sh)
@@ -144,5 +169,4 @@ def load_em_state(path: str | os.PathLike, mesh: Mesh | None = None, sharding: A
     out = ckptr.restore(sdir, target)
     ckptr.close()
     params = DiagGMM(**{f: out["params"][f] for f in _FIELDS})
-    state = make_state(params, int(out["iteration"]), float(out["lower_bound"]), bool(out["converged"]))
-    return state, meta.get("metadata", {})
+    return make_state(params, int(out["iteration"]), float(out["lower_bound"]), bool(out["converged"]))
