@@ -1,0 +1,234 @@
+"""``python -m mmfm_jax encode``: images -> DINOv2 -> sharded latent dataset (+ [CLS], normalisation statistics).
+
+Shard ``s`` holds the examples with global index ``[s * S, (s + 1) * S)`` (S = ``output.examples_per_shard``).
+Processes take the unfinished shards round-robin and step in lockstep; every step encodes one global batch over
+every device of the mesh (each process feeds its own shard's rows). Finished shards are skipped on restart; a
+shard is only marked finished once its file is complete (``LatentShardWriter``), so a killed job never leaves a
+half shard behind. Latents are written raw (``normalized: false``) with ``stats.npz`` beside them; readers
+normalise on the fly. Per-shard sidecars: ``cls-XXXXX.npz`` ([CLS], index, flip: the fit-gmm [CLS] pass reads
+only these) and ``stats-XXXXX.npz`` (partial (count, mean, M2), merged at the end, so resumed runs stay exact).
+
+Pixel paths (spec 2a/2c): ``data.path = 'train'`` (ADM crop 256 -> torch bicubic 224) or ``'cls'`` (ADM crop 224
+directly, the official GMM-fit path). ``output.flip_views`` also encodes each image's horizontal flip (flip=1).
+Bad images are skipped and counted in the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from mmfm_jax import parallel
+from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
+from mmfm_jax.data import images as images_lib
+from mmfm_jax.data import latents as latents_lib
+from mmfm_jax.data.preprocess import mmfm_pixels
+from mmfm_jax.models.dinov2 import Dinov2, Dinov2Config, encode_mmfm
+from mmfm_jax.utils import progress
+
+DEFAULT_CONFIG = "encode.py:tiny"
+log = logging.getLogger("mmfm_jax")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    validate_base(cfg)
+    check_choice(cfg, "data.source", ("folder", "tfds"))
+    if cfg.data.source == "folder" and not cfg.data.root:
+        raise ConfigError("config.data.root: required for data.source='folder'")
+    check_choice(cfg, "data.path", ("train", "cls"))
+    check_positive(cfg, "data.batch_size")
+    check_positive(cfg, "output.examples_per_shard")
+    check_choice(cfg, "output.latent_dtype", ("bfloat16", "float32"))
+    check_choice(cfg, "encoder.dtype", ("float32", "bfloat16"))
+    check(cfg, "encoder.weights", lambda v: bool(v) or cfg.encoder.random_init, "required (a local HF directory or a "
+          "hub id such as facebook/dinov2-with-registers-base); random_init=True is for tests only")
+    check_positive(cfg, "data.limit", allow_zero=True)
+
+
+def build_source(cfg: ml_collections.ConfigDict):
+    if cfg.data.source == "folder":
+        return images_lib.ImageFolderSource(cfg.data.root)
+    return images_lib.TfdsSource(cfg.data.tfds_name, split=cfg.data.split, data_dir=cfg.data.tfds_dir or None)
+
+
+def build_encoder(cfg: ml_collections.ConfigDict) -> Dinov2:
+    from flax import nnx
+
+    if cfg.encoder.random_init:
+        log.warning("encode: random encoder weights (encoder.random_init=True): for tests only")
+        model = Dinov2(Dinov2Config.preset(cfg.encoder.preset, dtype=cfg.encoder.dtype), rngs=nnx.Rngs(0))
+        model.precompute_pos_embed(int(cfg.data.image_size))
+        return model
+    from mmfm_jax.convert.dinov2 import load_dinov2
+
+    return load_dinov2(cfg.encoder.weights, dtype=cfg.encoder.dtype, local_files_only=cfg.encoder.local_files_only,
+                       image_sizes=(int(cfg.data.image_size),))
+
+
+def make_encode_step(model: Dinov2, mesh, image_size: int):
+    """jit over the mesh: uint8 crops [B, S, S, 3] + flip [B] -> (raw latent [B, L, D], cls [B, D]) batch-sharded."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    out_sh = (parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 2))
+
+    def step(state, images, flip):
+        m = nnx.merge(graphdef, state)
+        return encode_mmfm(m, mmfm_pixels(images, image_size, flip))
+
+    step_sh = jax.jit(step, out_shardings=out_sh)
+    return lambda images, flip: step_sh(state, images, flip)
+
+
+def _local_rows(x: jax.Array, mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    axes = parallel.batch_sharding(mesh, x.ndim).spec
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(*axes)))
+
+
+def _shard_stats_path(out: Path, sid: int) -> Path:
+    return out / f"stats-{sid:05d}.npz"
+
+
+def _merge_stats(paths: list[Path]) -> tuple[float, np.ndarray, np.ndarray]:
+    n, mean, m2 = 0.0, None, None
+    for p in paths:
+        with np.load(p) as z:
+            nb, mb, m2b = float(z["count"]), z["mean"].astype(np.float64), z["m2"].astype(np.float64)
+        if nb == 0:
+            continue
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        tot = n + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (n * nb / tot)
+        n = tot
+    return n, mean, m2
+
+
+def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
+    mesh = ctx.mesh
+    source = build_source(cfg)
+    n_total = len(source) if not cfg.data.limit else min(len(source), int(cfg.data.limit))
+    per_shard = int(cfg.output.examples_per_shard)
+    n_shards = math.ceil(n_total / per_shard)
+    out = Path(cfg.output.dir) if cfg.output.dir else ctx.path("latents")
+    model = build_encoder(cfg)
+    image_size = int(cfg.data.image_size)
+    grid = image_size // model.config.patch_size
+    tokens, dim = grid * grid, model.config.hidden_size
+    writer = latents_lib.LatentShardWriter(out, (tokens, dim), cfg.output.latent_dtype, cls_dim=dim,
+                                           grid=(grid, grid), normalized=False, num_shards=n_shards,
+                                           extra=dict(encoder=cfg.encoder.weights or f"random:{cfg.encoder.preset}",
+                                                      path=cfg.data.path, flip_views=bool(cfg.output.flip_views),
+                                                      source=cfg.data.source),
+                                           update_manifest=jax.process_index() == 0)
+    done = set(writer.finished_shards())
+    todo = [s for s in range(n_shards) if s not in done or not _shard_stats_path(out, s).exists()]
+    log.info("encode: %d images -> %d shards of %d (%d already done), %dx%d tokens x %d", n_total, n_shards,
+             per_shard, n_shards - len(todo), grid, grid, dim)
+    crop = int(cfg.data.crop_size) if cfg.data.path == "train" else image_size
+    loader = images_lib.LoadExample(source, crop)
+    step = make_encode_step(model, mesh, image_size)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    gb = int(cfg.data.batch_size)
+    mult = parallel.batch_size_multiple(mesh)
+    gb = -(-gb // mult) * mult
+    local_bs = gb // n_proc
+    batches_per_shard = math.ceil(per_shard / local_bs)
+    rounds = math.ceil(len(todo) / n_proc)
+    views = (False, True) if cfg.output.flip_views else (False,)
+    bad = images_lib.BadImageCounter()
+    bar = progress(total=rounds * batches_per_shard, desc="encode")
+    written = 0
+    for r in range(rounds):
+        slot = r * n_proc + pid
+        sid = todo[slot] if slot < len(todo) else None
+        if sid is not None:
+            lo, hi = sid * per_shard, min((sid + 1) * per_shard, n_total)
+            idx = np.full(batches_per_shard * local_bs, -1, np.int64)
+            idx[: hi - lo] = np.arange(lo, hi)
+        else:
+            idx = np.full(batches_per_shard * local_bs, -1, np.int64)  # lockstep padding
+        ds = grain.MapDataset.source(idx.tolist()).map(loader)
+        it = images_lib.to_batches(ds, local_bs, num_threads=int(cfg.data.num_threads))
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent", "cls", "label", "index", "flip")}
+        for batch in it:
+            bad.update(batch)
+            valid = np.asarray(batch["valid"])
+            for view in views:
+                flip = np.full(local_bs, view, bool)
+                g = parallel.host_to_global({"image": np.asarray(batch["image"]), "flip": flip}, mesh)
+                lat, cls = step(g["image"], g["flip"])
+                lat, cls = _local_rows(lat, mesh)[valid], _local_rows(cls, mesh)[valid]
+                parts["latent"].append(lat)
+                parts["cls"].append(cls)
+                parts["label"].append(np.asarray(batch["label"])[valid])
+                parts["index"].append(np.asarray(batch["index"])[valid])
+                parts["flip"].append(np.full(int(valid.sum()), int(view), np.int32))
+            bar.update(1)
+        if sid is None:
+            continue
+        ex = {k: np.concatenate(v) for k, v in parts.items()}
+        order = np.lexsort((ex["flip"], ex["index"]))
+        ex = {k: v[order] for k, v in ex.items()}
+        lat64 = ex["latent"][ex["flip"] == 0].astype(np.float64)
+        mean = lat64.mean(0) if len(lat64) else np.zeros((tokens, dim))
+        m2 = ((lat64 - mean) ** 2).sum(0) if len(lat64) else np.zeros((tokens, dim))
+        np.savez(out / f".cls-{sid:05d}.tmp.npz", cls=ex["cls"], index=ex["index"], flip=ex["flip"])
+        (out / f".cls-{sid:05d}.tmp.npz").replace(out / f"cls-{sid:05d}.npz")
+        writer.write_shard(sid, ex)
+        tmp = out / f".stats-{sid:05d}.tmp.npz"
+        np.savez(tmp, count=np.float64(len(lat64)), mean=mean, m2=m2)
+        tmp.replace(_shard_stats_path(out, sid))
+        written += len(ex["index"])
+    bar.close()
+    parallel.sync("encode_shards")
+    summary = dict(images=n_total, shards=n_shards, shards_written_now=len(todo), examples_written_now=written,
+                   output=str(out), grid=[grid, grid], dim=dim)
+    summary.update(_gather_bad(bad))
+    if jax.process_index() == 0:
+        count, mean, m2 = _merge_stats([_shard_stats_path(out, s) for s in range(n_shards)])
+        if cfg.stats.import_path:
+            from mmfm_jax.data.stats import load_stats
+
+            var, smean = load_stats(cfg.stats.import_path, tokens, dim)
+            stats = {"var": var} if smean is None else {"var": var, "mean": smean}
+            summary["stats"] = f"imported {cfg.stats.import_path}"
+        else:
+            stats = {"var": (m2 / max(count, 1.0)).astype(np.float32), "mean": mean.astype(np.float32)}
+            if not cfg.stats.keep_mean:
+                stats.pop("mean")  # as the official DINOv2-B statistics: variance only
+            summary["stats"] = dict(count=count, var_mean=float(stats["var"].mean()))
+        stats["eps"] = np.float32(1e-5)
+        manifest = writer.finalize(stats)
+        summary["num_examples"] = manifest["num_examples"]
+    parallel.sync("encode_done")
+    return summary
+
+
+def _gather_bad(bad: images_lib.BadImageCounter) -> dict:
+    s = bad.summary()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        keys = list(s["bad_by_reason"])
+        vec = np.asarray([s["seen"], s["bad"]] + [s["bad_by_reason"][k] for k in keys], np.int64)
+        tot = np.asarray(multihost_utils.process_allgather(vec)).reshape(jax.process_count(), -1).sum(0)
+        s.update(seen=int(tot[0]), bad=int(tot[1]), bad_by_reason={k: int(v) for k, v in zip(keys, tot[2:])})
+    return {"images_seen": s["seen"], "bad_images": s["bad"], "bad_by_reason": s["bad_by_reason"],
+            "bad_examples": s["bad_examples"]}
