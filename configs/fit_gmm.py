@@ -1,0 +1,36 @@
+"""fit-gmm: the MM-FM source (CLS GMM + spatial table) from a latent dataset, or from the official pickles.
+
+Variants: ``imagenet`` (the official settings: K = 8192, diag, k-means++, max_iter 100, reg_covar 1e-6, tol 1e-3,
+flip augmentation), ``official`` (convert the released pickles), ``tiny`` (tests).
+"""
+
+import ml_collections
+
+from mmfm_jax.config_utils import base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.data = ml_collections.ConfigDict(dict(latents_dir="", batch_size=256))
+    c.latent = ml_collections.ConfigDict(dict(grid=(16, 16), channels=768))
+    c.gmm = ml_collections.ConfigDict(dict(n_components=8192, max_iter=100, tol=1e-3, reg_covar=1e-6,
+                                           init="k-means++", seed=42, chunk_size=4096, checkpoint_every=1))
+    c.spatial = ml_collections.ConfigDict(dict(enabled=True, flip=True, compensated=True, shift="none"))
+    c.import_official = ml_collections.ConfigDict(dict(cls_pkl="", spatial_pkl=""))
+    variant = arg or "imagenet"
+    if variant == "imagenet":
+        pass
+    elif variant == "official":
+        c.import_official.cls_pkl = "artifacts/gmm/dinov2-b/gmm_n8192_diag_k-means++.pkl"
+        c.import_official.spatial_pkl = "artifacts/gmm/dinov2-b/spatial_gmm_from_cls_n8192_diag_k-means++_flip.pkl"
+    elif variant == "tiny":
+        c.latent.grid = (2, 2)
+        c.latent.channels = 8
+        c.gmm.n_components = 4
+        c.gmm.max_iter = 20
+        c.gmm.chunk_size = 16
+        c.data.batch_size = 16
+        c.log_every = 5
+    else:
+        raise ValueError(f"configs/fit_gmm.py: unknown variant {variant!r} (imagenet, official, tiny)")
+    return c

@@ -1,0 +1,96 @@
+"""fit-gmm job on a synthetic latent dataset: EM on [CLS], spatial table, resume, official-pickle import."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from mmfm_jax.cli import run_job
+from mmfm_jax.config_utils import load_config
+from mmfm_jax.data import latents as latents_lib
+from mmfm_jax.gmm import diag, spatial
+from mmfm_jax.gmm import io as gmm_io
+from mmfm_jax.gmm.source import load_source
+
+
+def make_latents(path, n=96, k=4, d=8, h=2, w=2, c=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 4
+    lab = rng.integers(0, k, n)
+    cls = (centers[lab] + rng.normal(size=(n, d))).astype(np.float32)
+    lat = (rng.normal(size=(n, h * w, c)) + lab[:, None, None]).astype(np.float32)
+    writer = latents_lib.LatentShardWriter(path, (h * w, c), "float32", cls_dim=d, grid=(h, w), normalized=False,
+                                           num_shards=2)
+    idx = np.arange(n)
+    for s in range(2):
+        sl = slice(s * n // 2, (s + 1) * n // 2)
+        writer.write_shard(s, {"latent": lat[sl], "cls": cls[sl], "label": lab[sl].astype(np.int32),
+                               "index": idx[sl], "flip": np.zeros(n // 2, np.int32)})
+    var = np.full((h * w, c), 2.0, np.float32)
+    writer.finalize({"var": var, "eps": np.float32(1e-5)})
+    return cls, lat / np.sqrt(var + 1e-5)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, repo_dir):
+    data = tmp_path_factory.mktemp("lat") / "latents"
+    cls, lat_norm = make_latents(data)
+    work = tmp_path_factory.mktemp("gmm")
+    cfg = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"data.latents_dir": str(data)})
+    s = run_job("fit-gmm", cfg, work)
+    return data, work, cfg, s, cls, lat_norm
+
+
+def test_fit_gmm_outputs_match_reference(fitted):
+    data, work, cfg, s, cls, lat_norm = fitted
+    assert s["n_components"] == 4 and s["em"]["n_iter"] >= 1
+    assert np.isfinite(s["em"]["lower_bound"])
+    src, meta = load_source(work / "source")
+    assert src.means.shape == (4, 4, 8) and src.variances.shape == (4,)
+    gmm, _ = gmm_io.load_gmm(work / "cls_gmm")
+    labels = np.asarray(diag.predict(gmm, cls))
+    rm, rv, rc = spatial.spatial_stats_numpy(lat_norm, labels, 4, 2, 2, flip=True)
+    np.testing.assert_allclose(np.asarray(src.means)[:4], rm, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(src.variances)[:4], rv, rtol=1e-4)
+    assert s["spatial"]["images"] == 96
+
+
+def test_fit_gmm_resumes_em(fitted, tmp_path):
+    data, work, cfg, s, _, _ = fitted
+    # a fit killed after 2 iterations: only the EM state is on disk
+    cfg2 = load_config(cfg_path(cfg), {"data.latents_dir": str(data), "gmm.max_iter": 2, "spatial.enabled": False})
+    w2 = tmp_path / "w"
+    run_job("fit-gmm", cfg2, w2)
+    shutil.rmtree(w2 / "cls_gmm")
+    assert gmm_io.read_metadata(w2 / "em_state")["iteration"] == 2
+    cfg3 = load_config(cfg_path(cfg), {"data.latents_dir": str(data), "spatial.enabled": False})
+    s3 = run_job("fit-gmm", cfg3, w2)
+    assert s3["em"]["n_iter"] == s["em"]["n_iter"]
+    a, _ = gmm_io.load_gmm(work / "cls_gmm")
+    b, _ = gmm_io.load_gmm(w2 / "cls_gmm")
+    for f in ("weights", "means", "variances"):
+        np.testing.assert_allclose(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), rtol=1e-6, atol=1e-7)
+
+
+def cfg_path(_cfg):
+    import pathlib
+
+    return str(pathlib.Path(__file__).parent.parent / "configs" / "fit_gmm.py") + ":tiny"
+
+
+def test_import_official(tmp_path, repo_dir):
+    import pickle
+
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    gm = GaussianMixture(3, covariance_type="diag", max_iter=3).fit(rng.normal(size=(50, 5)))
+    (tmp_path / "cls.pkl").write_bytes(pickle.dumps({"model": gm, "config": {}, "metrics": {}, "metadata": {}}))
+    spatial_d = {"means": rng.normal(size=(3, 8 * 2 * 2)), "variances": np.ones(3), "weights": gm.weights_}
+    (tmp_path / "sp.pkl").write_bytes(pickle.dumps(spatial_d))
+    cfg = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"import_official.cls_pkl": str(tmp_path / "cls.pkl"),
+                                                               "import_official.spatial_pkl": str(tmp_path / "sp.pkl")})
+    s = run_job("fit-gmm", cfg, tmp_path / "w")
+    assert s["imported"] and s["event_shape"] == [4, 8]
+    src, _ = load_source(tmp_path / "w" / "source")
+    np.testing.assert_allclose(np.asarray(src.gmm.means), gm.means_, rtol=1e-6)
