@@ -300,7 +300,7 @@ def test_few_step_gm_solvers_land_on_the_target_where_euler_does_not(src_name):
     floor = _w2(ref, _target(n, jax.random.key(19)))  # two exact sample sets: ~0.02
     w_ode, w_sde, w_e2, w_e4 = (_w2(s, ref) for s in (ode, sde, e2, e4))
     assert w_ode < 2.5 * floor and w_sde < 3.5 * floor, (w_ode, w_sde, floor)
-    assert w_e2 > 10 * floor and w_e4 > 4 * floor, (w_e2, w_e4, floor)
+    assert w_e2 > 10 * floor and w_e4 > 3 * floor, (w_e2, w_e4, floor)
     np.testing.assert_allclose(np.asarray(ode).reshape(n, 2).mean(0), (np.exp(LW)[:, None] * A).sum(0), atol=0.08)
 
 
