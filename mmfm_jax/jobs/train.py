@@ -1,0 +1,256 @@
+"""train: DiTDH flow matching on latents with in-step (mode) coupling; resumable, preemptible, any mesh.
+
+Workdir: ``config.json``, ``summary.json``, ``tb/``, ``checkpoints/<step>/{state,data,config}``. A run restarted
+with the same workdir resumes from the newest usable checkpoint (bitwise the same trajectory as an uninterrupted
+run: the data order and every random draw are functions of the step and the global example index only). SIGTERM
+saves at the next step boundary and returns. ``train(cfg, ctx, dataset=..., source=...)`` runs the same loop on
+an in-memory dataset / a given ``ModeSource`` (the digits demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmfm_jax import parallel
+from mmfm_jax.config_utils import ConfigError, check, check_choice, validate_base
+from mmfm_jax.data import latents as latents_lib
+from mmfm_jax.flow.time import TIME_KINDS, resolution_shift
+from mmfm_jax.gmm.source import ModeSource, load_source, shard_source
+from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
+from mmfm_jax.train.adaptive import adaptive_from_config
+from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from mmfm_jax.train.optim import optimizer_from_config
+from mmfm_jax.train.state import abstract_train_state, create_train_state, param_count
+from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
+from mmfm_jax.utils import progress
+
+DEFAULT_CONFIG = "train.py:tiny"
+log = logging.getLogger("mmfm_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> DiTDHConfig:
+    fields = {f.name for f in dataclasses.fields(DiTDHConfig)} - {"dtype"}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.model.items() if k in fields}
+    return DiTDHConfig(dtype=cfg.train.compute_dtype, **kw)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    validate_base(cfg)
+    try:
+        mcfg = model_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    check_choice(cfg, "data.kind", ("latents", "synthetic"))
+    if cfg.data.kind == "latents":
+        check(cfg, "data.path", lambda v: bool(v), "must name a latent dataset folder (from the encode job)")
+    check_choice(cfg, "source.kind", ("gaussian", "gmm_indep", "gmm_mode"))
+    check_choice(cfg, "source.assignment", ("soft", "hard"))
+    check_choice(cfg, "source.y_from", ("none", "mode", "label"))
+    if cfg.source.kind != "gaussian":
+        check(cfg, "source.path", lambda v: bool(v), "must name a ModeSource folder (fit-gmm) for a GMM source")
+    if cfg.source.y_from == "mode":
+        check(cfg, "source.kind", lambda v: v != "gaussian", "y_from='mode' needs a GMM source")
+    check(cfg, "model.use_y_conditioning", lambda v: v == (cfg.source.y_from != "none"),
+          f"must be {cfg.source.y_from != 'none'} when source.y_from = {cfg.source.y_from!r}")
+    t = cfg.train
+    for k in ("num_steps", "global_batch_size", "grad_accum_steps"):
+        check(cfg, f"train.{k}", lambda v: isinstance(v, int) and v > 0, "must be a positive int")
+    check(cfg, "train.global_batch_size", lambda v: v % t.grad_accum_steps == 0,
+          f"must be a multiple of train.grad_accum_steps={t.grad_accum_steps}")
+    check_choice(cfg, "train.compute_dtype", ("float32", "bfloat16", "fp32", "bf16"))
+    check_choice(cfg, "train.schedule", ("linear", "cosine"))
+    check_choice(cfg, "train.time_kind", TIME_KINDS)
+    check(cfg, "train.time_shift", lambda v: v >= 0, "must be >= 0 (0 = resolution shift)")
+    check(cfg, "train.max_consecutive_nonfinite", lambda v: v >= 1, "must be >= 1")
+    check(cfg, "train.peak_tflops_per_device", lambda v: v > 0, "must be > 0")
+    for k in ("initial_lr", "base_lr", "final_lr"):
+        check(cfg, f"train.{k}", lambda v: v >= 0, "must be >= 0")
+    check_choice(cfg, "adaptive.weight_by", ("mode", "label"))
+    if cfg.adaptive.enabled and cfg.adaptive.weight_by == "mode":
+        check(cfg, "adaptive.enabled", lambda v: cfg.source.kind != "gaussian",
+              "weighting by mode needs a GMM source (set adaptive.enabled=False or weight_by='label')")
+    check(cfg, "checkpoint.every_steps", lambda v: v > 0, "must be > 0")
+    check(cfg, "checkpoint.keep", lambda v: v > 0, "must be > 0")
+    del mcfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_dataset(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig) -> latents_lib.InMemoryLatents:
+    """Deterministic random latents (tests, benchmarks): latent [N, L, C], cls [N, D], label N % 10."""
+    r = np.random.default_rng(cfg.seed + 12345)
+    n, L, C = cfg.data.synthetic_size, mcfg.input_size ** 2, mcfg.in_channels
+    lat = r.normal(size=(n, L, C)).astype(np.float32)
+    if cfg.data.synthetic_nan:
+        lat[:] = np.nan
+    return latents_lib.InMemoryLatents(dict(latent=lat, label=np.arange(n) % 10,
+                                            cls=r.normal(size=(n, cfg.data.synthetic_cls_dim)).astype(np.float32)))
+
+
+def build_dataset(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig):
+    if cfg.data.kind == "synthetic":
+        return synthetic_dataset(cfg, mcfg)
+    return latents_lib.LatentShards(cfg.data.path, normalize=cfg.data.normalize)
+
+
+def step_config(cfg: ml_collections.ConfigDict, latent_shape: tuple[int, int], num_modes: int) -> StepConfig:
+    t = cfg.train
+    shift = t.time_shift or resolution_shift(int(np.prod(latent_shape)), t.time_shift_base)
+    return StepConfig(grad_accum_steps=t.grad_accum_steps, source_kind=cfg.source.kind,
+                      assignment=cfg.source.assignment, temperature=cfg.source.temperature, y_from=cfg.source.y_from,
+                      weight_by=cfg.adaptive.weight_by, time_kind=t.time_kind, time_mean=t.time_mean,
+                      time_std=t.time_std, t_max=t.t_max, shift=float(shift), shard_source=cfg.source.shard_table,
+                      adaptive=adaptive_from_config(cfg.adaptive, num_modes))
+
+
+def _check_shapes(ds, mcfg: DiTDHConfig, source: ModeSource | None, cfg) -> None:
+    want = (mcfg.input_size ** 2, mcfg.in_channels)
+    if tuple(ds.latent_shape) != want:
+        raise ConfigError(f"config.model: in_channels/input_size give latents {want}, the dataset has "
+                          f"{tuple(ds.latent_shape)}")
+    if source is not None:
+        if tuple(source.event_shape) != want:
+            raise ConfigError(f"config.source.path: table event shape {source.event_shape} != latents {want}")
+        if cfg.source.kind == "gmm_mode" and int(source.gmm.means.shape[1]) != ds.cls_dim:
+            raise ConfigError(f"config.source.path: [CLS] GMM dim {source.gmm.means.shape[1]} != dataset cls dim "
+                              f"{ds.cls_dim}")
+        if cfg.source.y_from == "mode" and source.n_modes > mcfg.num_modes:
+            raise ConfigError(f"config.model.num_modes = {mcfg.num_modes} < {source.n_modes} source modes")
+
+
+def run(cfg: ml_collections.ConfigDict, ctx) -> dict[str, Any]:
+    return train(cfg, ctx)
+
+
+def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: ModeSource | None = None
+          ) -> dict[str, Any]:
+    """The training loop (see module docstring). ``dataset``/``source`` override the config's data/source."""
+    mesh = ctx.mesh
+    rules = parallel.rules_from_config(cfg)
+    mcfg = model_config(cfg)
+    t = cfg.train
+    G = t.global_batch_size
+    check_batch_geometry(G, t.grad_accum_steps, mesh)
+    ds = dataset if dataset is not None else build_dataset(cfg, mcfg)
+    if source is None and cfg.source.kind != "gaussian":
+        source, _ = load_source(cfg.source.path, mesh)
+    elif source is not None and isinstance(source.means, np.ndarray):
+        source = shard_source(source, mesh)
+    _check_shapes(ds, mcfg, source, cfg)
+    num_modes = source.n_modes if source is not None and cfg.adaptive.weight_by == "mode" else mcfg.num_modes
+    scfg = step_config(cfg, tuple(ds.latent_shape), num_modes)
+    tx, lr_fn, ema_fn = optimizer_from_config(t)
+
+    def make_model(rngs):
+        return DiTDH(mcfg, rngs)
+
+    kmodes = scfg.adaptive.num_modes
+    target, shardings, mdef = abstract_train_state(make_model, tx, mesh, cfg.seed, kmodes, rules)
+    it = latents_lib.make_iterator(ds, G, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                   num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch)
+    ckpt = Checkpointer(ctx.path("checkpoints"), max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    restored = ckpt.restore(target, it)
+    if restored is not None:
+        state = restored.state
+        start = int(jax.device_get(state.step))
+        log.info("resumed from checkpoint step %d%s", restored.step,
+                 f" (latest step {restored.fallback_from} was unusable)" if restored.fallback_from else "")
+    else:
+        state, _, _ = create_train_state(make_model, tx, mesh, cfg.seed, kmodes, rules)
+        start = 0
+    n_params = param_count(state)
+    step_fn = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings)
+    flops_step = 3.0 * ditdh_flops_per_example(mcfg) * G  # forward + backward
+    log.info("train: %s params, batch %d (%d micro-batches), %s source, y=%s, shift %.4f, steps %d -> %d",
+             f"{n_params:,}", G, t.grad_accum_steps, scfg.source_kind, scfg.y_from, scfg.shift, start, t.num_steps)
+
+    guard = PreemptionGuard()
+    config_dict = cfg.to_dict()
+    step, window, pending = start, [], None
+    t_last, step_last = time.perf_counter(), start
+    summary_metrics: dict[str, float] = {}
+    preempted = False
+    max_bad = t.max_consecutive_nonfinite
+    multi = jax.process_count() > 1
+    bar = progress(total=t.num_steps, initial=start, desc="train")
+
+    def check_finite(m):
+        streak = int(jax.device_get(m["nonfinite_streak"]))
+        if streak >= max_bad:
+            raise NonFiniteError(
+                f"train: {streak} consecutive non-finite steps (loss={float(m['loss']):.4g}, grad_norm="
+                f"{float(m['grad_norm']):.4g}) at step {int(step)}; stopping. Parameters were not updated by "
+                f"those steps; the last checkpoint is step {ckpt.latest_step()}. Check the data (NaN/Inf), "
+                "the learning rate, or use train.compute_dtype=float32.")
+
+    try:
+        batch = next(it) if step < t.num_steps else None
+        while step < t.num_steps:
+            state, m = step_fn(state, put_batch(batch, mesh, scfg), source)
+            step += 1
+            window.append(m)
+            if pending is not None:  # one step behind: no host sync on the step just dispatched
+                check_finite(pending)
+            pending = m
+            check_now = not multi or step % cfg.checkpoint.preemption_check_every == 0
+            stop = check_now and guard.should_stop()
+            if step % cfg.checkpoint.every_steps == 0 or step == t.num_steps or stop:
+                ckpt.save(step, state, latents_lib.iterator_state_bytes(it), config_dict)
+            if cfg.debug.hang_at_step == step:
+                ckpt.wait()
+                print(f"DEBUG: hanging at step {step}", flush=True)
+                threading.Event().wait()
+            if stop:
+                preempted = True
+                log.warning("preempted: checkpoint saved at step %d; exiting", step)
+                break
+            if step < t.num_steps:
+                batch = next(it)
+            if step % cfg.log_every == 0 or step == t.num_steps:
+                vals = jax.device_get(window)
+                now = time.perf_counter()
+                ips = (step - step_last) * G / max(now - t_last, 1e-9)
+                tflops = flops_step / G * ips / jax.device_count() / 1e12
+                summary_metrics = dict(
+                    loss=float(np.mean([v["loss"] for v in vals])),
+                    loss_unweighted=float(np.mean([v["loss_unweighted"] for v in vals])),
+                    grad_norm=float(np.mean([v["grad_norm"] for v in vals])), lr=float(vals[-1]["lr"]),
+                    ema_decay=float(vals[-1]["ema_decay"]), t_mean=float(np.mean([v["t_mean"] for v in vals])),
+                    skipped_total=float(vals[-1]["skipped_total"]), images_per_s=ips,
+                    tflops_per_device=tflops, mfu=tflops / t.peak_tflops_per_device)
+                ctx.writer.scalars(step, {f"train/{k}": v for k, v in summary_metrics.items()})
+                window, t_last, step_last = [], now, step
+            bar.update(1)
+        if pending is not None:
+            check_finite(pending)
+    finally:
+        bar.close()
+        guard.close()
+        ckpt.wait()
+        ckpt_steps = ckpt.all_steps()
+        ckpt.close()
+        if hasattr(it, "close"):
+            it.close()
+
+    final = jax.device_get(dict(step=state.step, skipped=state.skipped))
+    return dict(start_step=start, final_step=int(final["step"]), resumed=restored is not None,
+                resumed_from=restored.step if restored is not None else None,
+                fallback_from=restored.fallback_from if restored is not None else None,
+                preempted=preempted, skipped_steps=int(final["skipped"]), param_count=n_params,
+                source=scfg.source_kind, y_from=scfg.y_from, time_shift=scfg.shift,
+                checkpoints=ckpt_steps, flops_per_step=flops_step,
+                **{k: (v if math.isfinite(v) else str(v)) for k, v in summary_metrics.items()})

@@ -1,0 +1,181 @@
+"""Orbax checkpoints of the train state, the grain iterator state and the config, with fallback and preemption.
+
+Each step directory is an Orbax ``Composite`` of ``state`` (``StandardSave`` of the :class:`TrainState`: params,
+EMA, optimizer, step, RNG, adaptive weighting, counters), ``data`` (``grain.checkpoint.CheckpointSave``: one JSON
+per process) and ``config`` (``JsonSave``). Saves are asynchronous (the arrays are copied to host before
+``save`` returns; files are written in the background and the step directory appears atomically when complete),
+``max_to_keep`` prunes old steps.
+
+Restore takes a target of ``ShapeDtypeStruct``s carrying the *current* shardings, so a checkpoint written on one
+mesh restores onto any other (8 devices -> 1 or 2, other FSDP splits). If the latest step fails to restore (files
+truncated, deleted or corrupt) a warning is logged and the previous step is tried; the bad step directories are
+moved to ``<dir>_corrupt/`` so training can write those steps again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmfm_jax import parallel
+
+log = logging.getLogger(__name__)
+
+
+class _FrozenIteratorState:
+    """A snapshot of a grain iterator's state for ``grain.checkpoint.CheckpointSave`` (safe with async saves:
+    the JSON is taken when ``save`` is called, not when the background writer runs)."""
+
+    def __init__(self, state_json: bytes):
+        self._state = state_json
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    config: dict | None
+    fallback_from: int | None  # the latest step, if it was unusable
+
+
+class Checkpointer:
+    """``save(step, state, data_state, config)`` / ``restore(target, iterator)`` over an Orbax manager."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+        self.dir = Path(directory).absolute()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                            create=True)
+        self.mngr = ocp.CheckpointManager(self.dir, options=opts)
+
+    # -- save ----------------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, data_state: bytes | None = None, config: dict | None = None,
+             force: bool = True) -> bool:
+        """Start saving ``state`` at ``step`` (``data_state``: ``latents.iterator_state_bytes(it)``)."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        return self.mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self.mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    # -- restore -------------------------------------------------------------------------------------------
+
+    def _restore_step(self, step: int, target: Any, iterator: Any, with_config: bool) -> tuple[Any, Any]:
+        items = {"state": ocp.args.StandardRestore(target)}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        if with_config:
+            items["config"] = ocp.args.JsonRestore()
+        r = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        state = r["state"]
+        bad = [i for i, x in enumerate(jax.tree.leaves(state)) if not hasattr(x, "shape")]
+        if bad:
+            raise ValueError(f"checkpoint step {step}: {len(bad)} leaves did not restore as arrays")
+        return state, (r["config"] if with_config else None)
+
+    def restore(self, target: Any, iterator: Any = None, with_config: bool = True) -> Restored | None:
+        """Restore the newest usable step onto ``target``'s shardings (and ``iterator``'s position).
+
+        Returns None if there is no checkpoint. Unusable newer steps are logged, moved aside, and skipped.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            return None
+        bad: list[int] = []
+        for s in steps:
+            try:
+                state, config = self._restore_step(s, target, iterator, with_config)
+                ok = True
+            except Exception as e:  # noqa: BLE001  (any failure means: this step is unusable)
+                log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
+                            s, self.dir, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                ok = False
+            if _all_processes_agree(ok):
+                if bad:
+                    self._quarantine(bad)
+                    log.warning("restored checkpoint step %d instead of the latest %d", s, bad[0])
+                return Restored(step=s, state=state, config=config, fallback_from=bad[0] if bad else None)
+            bad.append(s)
+        self._quarantine(bad)
+        log.warning("no usable checkpoint in %s (tried steps %s): starting fresh", self.dir, bad)
+        return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            dest = self.dir.parent / f"{self.dir.name}_corrupt"
+            dest.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                src = self.dir / str(s)
+                if src.exists():
+                    shutil.move(str(src), str(dest / f"{s}-{int(time.time())}"))
+        parallel.sync("checkpoint_quarantine")
+        self.mngr.reload()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))))
+
+
+class PreemptionGuard:
+    """SIGTERM sets ``requested``; the train loop saves at the next step boundary and exits cleanly.
+
+    With several processes, :meth:`should_stop` agrees across processes (call it at the same steps everywhere).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if not self.requested:
+            log.warning("signal %d received: checkpointing at the next step boundary, then exiting", signum)
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([int(self.requested)], np.int32))
+        return bool(np.max(flags))
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}

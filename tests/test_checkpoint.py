@@ -1,0 +1,125 @@
+"""Checkpointer: round trip with the grain iterator, restore onto other meshes, fallback from a corrupt latest step,
+SIGTERM guard."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmfm_jax import parallel
+from mmfm_jax.data import latents as lt
+from mmfm_jax.train import optim
+from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from mmfm_jax.train.state import abstract_train_state, create_train_state
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.initializers.lecun_normal()
+        self.a = nnx.Linear(8, 16, kernel_init=nnx.with_partitioning(init, ("channels", "embed")), rngs=rngs)
+        self.b = nnx.Linear(16, 8, kernel_init=nnx.with_partitioning(init, ("embed", "channels")), rngs=rngs)
+
+
+TX = optim.make_optimizer(1e-3)
+
+
+def _state(mesh):
+    state, _, _ = create_train_state(Net, TX, mesh, seed=1, num_modes=4)
+    # make it non-trivial: bump every leaf deterministically
+    return jax.tree.map(lambda x: x + jnp.ones_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+def _mem_iter():
+    mem = lt.InMemoryLatents({"latent": np.arange(40 * 2, dtype=np.float32).reshape(40, 2, 1)})
+    return lt.make_iterator(mem, 8, seed=0)
+
+
+def _save_three(tmp_path):
+    mesh = parallel.make_mesh((4, 2))
+    state = _state(mesh)
+    it = _mem_iter()
+    ck = Checkpointer(tmp_path / "ck", max_to_keep=3)
+    positions = {}
+    for step in (1, 2, 3):
+        next(it)
+        positions[step] = next(_restored_copy(it))["latent"]  # what the next batch will be
+        ck.save(step, jax.tree.map(lambda x, s=step: x * s if jnp.issubdtype(x.dtype, jnp.floating) else x, state),
+                lt.iterator_state_bytes(it), {"step": step})
+    ck.close()
+    return jax.device_get(state), positions
+
+
+def _restored_copy(it):
+    it2 = _mem_iter()
+    it2.set_state(it.get_state())
+    return it2
+
+
+def test_roundtrip_reshard_and_iterator(tmp_path):
+    ref, positions = _save_three(tmp_path)
+    for shape, ndev in (((1, 1), 1), ((1, 2), 2), ((2, 1), 2)):
+        mesh = parallel.make_mesh(shape, jax.devices()[:ndev])
+        target, sh, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)
+        it = _mem_iter()
+        r = Checkpointer(tmp_path / "ck").restore(target, it)
+        assert r.step == 3 and r.fallback_from is None and r.config == {"step": 3}
+        for got, want, s in zip(jax.tree.leaves(r.state), jax.tree.leaves(ref), jax.tree.leaves(sh)):
+            assert got.sharding == s and len(got.sharding.device_set) == ndev
+            scale = 3 if np.issubdtype(want.dtype, np.floating) else 1
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want) * scale)
+        np.testing.assert_array_equal(next(it)["latent"], positions[3])
+    # the 8-device placement: FSDP on 'embed'
+    mesh = parallel.make_mesh((4, 2))
+    target, _, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)
+    r = Checkpointer(tmp_path / "ck").restore(target)
+    assert r.state.params["a"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_corrupt_latest_falls_back(tmp_path, caplog, damage):
+    ref, positions = _save_three(tmp_path)
+    step_dir = tmp_path / "ck" / "3"
+    if damage == "truncate":
+        # the merged OCDBT array data (``_sharding`` and the per-process copies are not read with a target)
+        files = sorted((step_dir / "state" / "d").iterdir(), key=lambda p: -p.stat().st_size)
+        with open(files[0], "r+b") as f:
+            f.truncate(files[0].stat().st_size // 2)
+    else:
+        (step_dir / "data" / "process_0-of-1.json").unlink()
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    target, _, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)
+    it = _mem_iter()
+    ck = Checkpointer(tmp_path / "ck")
+    with caplog.at_level("WARNING"):
+        r = ck.restore(target, it)
+    assert r.step == 2 and r.fallback_from == 3
+    assert "cannot be restored" in caplog.text and "instead of the latest 3" in caplog.text
+    np.testing.assert_array_equal(np.asarray(r.state.params["a"]["kernel"]), ref.params["a"]["kernel"] * 2)
+    np.testing.assert_array_equal(next(it)["latent"], positions[2])
+    # the bad step is moved aside: step 3 can be written again
+    assert ck.all_steps() == [1, 2] and any((tmp_path / "ck_corrupt").iterdir())
+    ck.save(3, r.state, lt.iterator_state_bytes(it), {"step": 3})
+    ck.close()
+    assert Checkpointer(tmp_path / "ck").all_steps() == [1, 2, 3]
+
+
+def test_empty_dir_and_preemption_guard(tmp_path):
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    target, _, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)
+    assert Checkpointer(tmp_path / "none").restore(target) is None
+    old = signal.getsignal(signal.SIGTERM)
+    g = PreemptionGuard()
+    assert not g.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert g.should_stop()
+    g.close()
+    assert signal.getsignal(signal.SIGTERM) == old
+    # grain state JSON is what the Orbax grain handler writes
+    it = _mem_iter()
+    next(it)
+    assert json.loads(lt.iterator_state_bytes(it)) == it.get_state()
