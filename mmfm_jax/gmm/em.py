@@ -206,8 +206,11 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             logits = const - 0.5 * lax.dot_general(a, w, dims_nt, precision=precision)
             rows = start + jnp.arange(chunk)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
-            lse = jax.nn.logsumexp(logits, axis=1)
-            r = jnp.where(valid[:, None], jnp.exp(logits - lse[:, None]), 0.0)
+            mx = jnp.max(logits, axis=1, keepdims=True)
+            e = jnp.exp(logits - mx)  # the only exp pass over [C, K]
+            s = jnp.sum(e, axis=1)
+            r = e * jnp.where(valid, 1.0 / s, 0.0)[:, None]
+            lse = mx[:, 0] + jnp.log(s)
             new = (jnp.sum(r, 0), lax.dot_general(r, a, dims_tn, precision=precision),
                    jnp.sum(jnp.where(valid, lse, 0.0)))
             return _kahan(carry, new), None
@@ -242,9 +245,17 @@ def m_step(nk: jax.Array, s1: jax.Array, s2: jax.Array, shift: jax.Array, reg_co
     return DiagGMM(weights=nk / jnp.sum(nk), means=mu + shift, variances=var)
 
 
-def _precision(p: Any) -> Any:
+def matmul_precision(p: Any) -> Any:
+    """'highest' | 'high' | 'default' (``lax.Precision``) or a ``lax.DotAlgorithmPreset`` name such as
+    'tf32_tf32_f32_x3' (3-pass TF32 on GPUs: about fp32 accuracy on tensor cores) or 'bf16_bf16_f32_x6'."""
     if isinstance(p, str):
-        return {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}[p]
+        simple = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}
+        if p.lower() in simple:
+            return simple[p.lower()]
+        try:
+            return lax.DotAlgorithmPreset[p.upper()]
+        except KeyError:
+            raise ValueError(f"unknown precision {p!r}: highest, high, default or a DotAlgorithmPreset name") from None
     return p
 
 
@@ -277,11 +288,13 @@ def fit(
     ``init``: ``"k-means++"`` (sklearn semantics, seeded by ``seed``) or a ``DiagGMM`` used as the parameters of the
     first E-step (sklearn's ``weights_init``/``means_init``/``precisions_init = 1 / variances``).
     ``state``: resume an interrupted fit exactly (same data, mesh and arguments). ``on_iteration(it, lower_bound,
-    state)`` runs on the host after every iteration (1-based ``it``). ``precision``: matmul precision of the two
-    GEMMs (``highest`` = true fp32; ``default`` lets GPUs use TF32). ``nk_eps``: sklearn's ``N_k += 10 eps``; the
-    default is float32's eps (sklearn on float32 data, as in the official fit); it biases a component's variance
-    up by about ``nk_eps / N_k * (mean - shift)^2`` (visible only for near-empty or collapsed components and in the
-    k-means++ initial variances); ``10 * float64 eps`` gives sklearn's float64 behaviour.
+    state)`` runs on the host after every iteration (1-based ``it``). ``precision``: of the two GEMMs (and the
+    k-means++ distances): ``highest`` = true fp32 (default); ``default`` lets GPUs use TF32 (not recommended: the
+    expanded quadratic form cancels); a ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3`` on GPUs.
+    ``nk_eps``: sklearn's ``N_k += 10 eps``; the default is float32's eps (sklearn on float32 data, as in the
+    official fit); it biases a component's variance up by about ``nk_eps / N_k * (mean - shift)^2`` (visible only
+    for near-empty or collapsed components and in the k-means++ initial variances); ``10 * float64 eps`` gives
+    sklearn's float64 behaviour.
 
     Returns ``(gmm, info)``: ``gmm`` holds replicated global arrays; ``info`` has ``converged``, ``n_iter``,
     ``lower_bound`` (mean log-likelihood per sample of the last E-step, sklearn's ``lower_bound_``), ``history``
@@ -318,7 +331,7 @@ def fit(
     jax.block_until_ready(params)
     init_seconds = time.perf_counter() - t0
     chunk = max(1, min(int(chunk_size), data.local_len))
-    step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, _precision(precision))
+    step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, matmul_precision(precision))
     shift, reg, nke = replicate((data.shift, np.float32(reg_covar), np.float32(nk_eps)), mesh)
     history: list[dict] = []
     it, lb = start, prev
