@@ -82,9 +82,9 @@ def torch_bicubic_numpy(x: np.ndarray, oh: int, ow: int) -> np.ndarray:
 
     def taps(n_in, n_out):
         idx, wts = [], []
-        s = n_in / n_out
+        s = np.float32(n_in) / np.float32(n_out)  # torch's opmath for float input: float32 coordinates
         for o in range(n_out):
-            real = s * (o + 0.5) - 0.5
+            real = float(s * (np.float32(o) + np.float32(0.5)) - np.float32(0.5))
             f = math.floor(real)
             idx.append([min(max(f - 1 + k, 0), n_in - 1) for k in range(4)])
             wts.append(kernel_1d(real - f))
@@ -129,7 +129,8 @@ def test_normalize_and_pixel_paths():
     assert np.abs(single - ref).max() < 1e-4
     batch = np.asarray(mmfm_pixels(jnp.asarray(np.stack([crop, crop])), 224, jnp.asarray([False, True])))
     np.testing.assert_allclose(batch[1], single, atol=1e-5)
-    np.testing.assert_allclose(batch[0], batch[1][:, ::-1], atol=1e-5)
+    # mirror images up to torch's float32 source coordinates (not exactly symmetric, as in torch)
+    np.testing.assert_allclose(batch[0], batch[1][:, ::-1], atol=5e-4)
     # [CLS] path: direct 224 crop, no flip, no resize
     c224 = center_crop_arr(img, 224)
     cls_in = cls_fit_transform(img)

@@ -72,8 +72,11 @@ def _bicubic_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
     scale = in_size / out_size
     if not antialias:
         # upsample_bicubic2d: source = scale * (i + 0.5) - 0.5 (not clamped), 4 taps, indices clamped to the border.
+        # The source coordinate is computed in float32 as torch does for float input (its rounding moves outputs
+        # by up to ~1e-4 at 256 px); the taps from it in float64.
+        scale32 = np.float32(in_size) / np.float32(out_size)
         for i in range(out_size):
-            src = scale * (i + 0.5) - 0.5
+            src = float(scale32 * np.float32(i + 0.5) - np.float32(0.5))
             base = math.floor(src)
             t = src - base
             taps = _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75)

@@ -40,7 +40,9 @@ class Dinov2Config:
 
     ``num_register_tokens`` 0 gives the plain ``Dinov2Model``. ``pos_embed_antialias`` None = transformers' choice
     (True with registers, False without). ``dtype``: matmul/activation dtype (``'float32'`` or ``'bfloat16'``);
-    parameters, LayerNorm statistics, softmax and the output stay float32.
+    parameters, LayerNorm statistics, softmax and the output stay float32. ``attention_impl``: how attention is
+    computed (same numbers up to float rounding); ``'auto'`` picks batched matmuls on CPU, where XLA's
+    ``dot_product_attention`` is about 2x slower, and ``jax.nn.dot_product_attention`` elsewhere.
     """
 
     hidden_size: int = 768
@@ -58,6 +60,15 @@ class Dinov2Config:
     hidden_act: str = "gelu"
     pos_embed_antialias: bool | None = None
     dtype: str = "float32"
+    attention_impl: str = "auto"  # 'dpa' (jax.nn.dot_product_attention) | 'matmul' | 'auto' (matmul on CPU)
+
+    def __post_init__(self):
+        if self.attention_impl not in ("auto", "dpa", "matmul"):
+            raise ValueError(f"Dinov2Config.attention_impl: {self.attention_impl!r} not in ('auto', 'dpa', 'matmul')")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"Dinov2Config: hidden_size {self.hidden_size} not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        dtype_from_name(self.dtype, "dinov2.dtype")
 
     @property
     def head_dim(self) -> int:
@@ -108,13 +119,28 @@ class Dinov2Config:
         return cls(**kw)
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float | None = None,
-           value: float | None = None) -> nnx.Param:
-    if value is not None:
-        x = jnp.full(shape, value, jnp.float32)
-    else:
-        x = jax.random.normal(rngs.params(), shape, jnp.float32) * (std if std is not None else 0.02)
-    return nnx.Param(x, sharding_names=names)
+class _Init:
+    """Random initial values (tests and benchmarks only: real weights are loaded). Concrete keys draw with numpy
+    (eager ``jax.random`` compiles once per shape: seconds for a whole model); traced keys (``nnx.eval_shape``,
+    ``nnx.jit``) use ``jax.random``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        key = rngs.params()
+        self.key, self.gen = key, None
+        if not isinstance(key, jax.core.Tracer):
+            self.gen = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    def __call__(self, shape: tuple[int, ...], names: tuple[str | None, ...], std: float | None = None,
+                 value: float | None = None) -> nnx.Param:
+        std = 0.02 if std is None else std
+        if value is not None:
+            x = jnp.asarray(np.full(shape, value, np.float32))
+        elif self.gen is not None:
+            x = jnp.asarray(self.gen.standard_normal(shape, dtype=np.float32) * np.float32(std))
+        else:
+            self.key, k = jax.random.split(self.key)
+            x = jax.random.normal(k, shape, jnp.float32) * std
+        return nnx.Param(x, sharding_names=names)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
@@ -132,10 +158,10 @@ def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, init: _Init):
         self.eps = eps
-        self.scale = _param(rngs, (dim,), ("embed",), value=1.0)
-        self.bias = _param(rngs, (dim,), ("embed",), value=0.0)
+        self.scale = init((dim,), ("embed",), value=1.0)
+        self.bias = init((dim,), ("embed",), value=0.0)
 
     def __call__(self, x: jax.Array, affine: bool = True) -> jax.Array:
         if not affine:
@@ -146,11 +172,11 @@ class LayerNorm(nnx.Module):
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` with the kernel in ``[in, out]`` layout; matmul in ``dtype``, result float32."""
 
-    def __init__(self, din: int, dout: int, names: tuple[str | None, str | None], rngs: nnx.Rngs,
+    def __init__(self, din: int, dout: int, names: tuple[str | None, str | None], init: _Init,
                  bias: bool = True, dtype: Any = jnp.float32):
         self.dtype = dtype
-        self.kernel = _param(rngs, (din, dout), names, std=1.0 / math.sqrt(din))
-        self.bias = _param(rngs, (dout,), (names[1],), value=0.0) if bias else None
+        self.kernel = init((din, dout), names, std=1.0 / math.sqrt(din))
+        self.bias = init((dout,), (names[1],), value=0.0) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
@@ -162,27 +188,36 @@ class Dense(nnx.Module):
 class Dinov2Layer(nnx.Module):
     """Pre-LN block: ``h += ls1 * Attn(LN1(h)); h += ls2 * MLP(LN2(h))`` (fused qkv projection)."""
 
-    def __init__(self, cfg: Dinov2Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: Dinov2Config, init: _Init):
         d, dt = cfg.hidden_size, jnp.dtype(dtype_from_name(cfg.dtype))
         self.cfg = cfg
         self.dtype = dt
-        self.norm1 = LayerNorm(d, cfg.layer_norm_eps, rngs)
-        self.qkv = Dense(d, 3 * d, ("embed", "heads"), rngs, bias=cfg.qkv_bias, dtype=dt)
-        self.proj = Dense(d, d, ("heads", "embed"), rngs, dtype=dt)
-        self.ls1 = _param(rngs, (d,), ("embed",), value=cfg.layerscale_value)
-        self.norm2 = LayerNorm(d, cfg.layer_norm_eps, rngs)
+        self.norm1 = LayerNorm(d, cfg.layer_norm_eps, init)
+        self.qkv = Dense(d, 3 * d, ("embed", "heads"), init, bias=cfg.qkv_bias, dtype=dt)
+        self.proj = Dense(d, d, ("heads", "embed"), init, dtype=dt)
+        self.ls1 = init((d,), ("embed",), value=cfg.layerscale_value)
+        self.norm2 = LayerNorm(d, cfg.layer_norm_eps, init)
         if cfg.use_swiglu_ffn:  # fc1 = [gate | up] concatenated, fc2 = down
-            self.fc1 = Dense(d, 2 * cfg.mlp_hidden, ("embed", "mlp"), rngs, dtype=dt)
+            self.fc1 = Dense(d, 2 * cfg.mlp_hidden, ("embed", "mlp"), init, dtype=dt)
         else:
-            self.fc1 = Dense(d, cfg.mlp_hidden, ("embed", "mlp"), rngs, dtype=dt)
-        self.fc2 = Dense(cfg.mlp_hidden, d, ("mlp", "embed"), rngs, dtype=dt)
-        self.ls2 = _param(rngs, (d,), ("embed",), value=cfg.layerscale_value)
+            self.fc1 = Dense(d, cfg.mlp_hidden, ("embed", "mlp"), init, dtype=dt)
+        self.fc2 = Dense(cfg.mlp_hidden, d, ("mlp", "embed"), init, dtype=dt)
+        self.ls2 = init((d,), ("embed",), value=cfg.layerscale_value)
 
     def attention(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         h = self.cfg.num_attention_heads
         qkv = self.qkv(x).astype(self.dtype).reshape(b, n, 3, h, d // h)
-        o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        impl = self.cfg.attention_impl
+        if impl == "auto":
+            impl = "matmul" if jax.default_backend() == "cpu" else "dpa"
+        if impl == "dpa":
+            o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        else:  # heads-major batched matmuls: much faster than dot_product_attention on XLA:CPU
+            qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
+            s = jnp.matmul(qkv[0], qkv[1].swapaxes(-1, -2), preferred_element_type=jnp.float32)
+            p = jax.nn.softmax(s * (d // h) ** -0.5, axis=-1).astype(self.dtype)
+            o = jnp.matmul(p, qkv[2], preferred_element_type=jnp.float32).astype(self.dtype).transpose(0, 2, 1, 3)
         return self.proj(o.reshape(b, n, d))
 
     def mlp(self, x: jax.Array) -> jax.Array:
@@ -231,18 +266,19 @@ class Dinov2(nnx.Module):
 
     def __init__(self, config: Dinov2Config, rngs: nnx.Rngs):
         cfg = config
+        init = _Init(rngs)
         self.config = cfg
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
         g = cfg.pretrained_grid
         self.dtype = jnp.dtype(dtype_from_name(cfg.dtype))
         # Conv2d(k=p, s=p) as a matmul over patches flattened in (py, px, c) order.
-        self.patch_embed = Dense(p * p * c, d, (None, "embed"), rngs, dtype=self.dtype)
-        self.cls_token = _param(rngs, (1, 1, d), (None, None, "embed"))
-        self.register_tokens = (_param(rngs, (1, cfg.num_register_tokens, d), (None, None, "embed"))
+        self.patch_embed = Dense(p * p * c, d, (None, "embed"), init, dtype=self.dtype)
+        self.cls_token = init((1, 1, d), (None, None, "embed"))
+        self.register_tokens = (init((1, cfg.num_register_tokens, d), (None, None, "embed"))
                                 if cfg.num_register_tokens > 0 else None)
-        self.position_embeddings = _param(rngs, (1, 1 + g * g, d), (None, None, "embed"))
-        self.layers = nnx.List([Dinov2Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
-        self.norm = LayerNorm(d, cfg.layer_norm_eps, rngs)
+        self.position_embeddings = init((1, 1 + g * g, d), (None, None, "embed"))
+        self.layers = nnx.List([Dinov2Layer(cfg, init) for _ in range(cfg.num_hidden_layers)])
+        self.norm = LayerNorm(d, cfg.layer_norm_eps, init)
         self.pos_cache_grids: tuple[tuple[int, int], ...] = ()
 
     # -- position embeddings -----------------------------------------------------------------------------------
@@ -313,14 +349,16 @@ def encode_mmfm(model: Dinov2, pixels: jax.Array, stats_var: jax.Array | np.ndar
     ``(z - mean) / sqrt(var + 1e-5)`` when ``stats_var`` is given (``[C, H, W]`` official layout or ``[L, C]``;
     ``stats_mean`` subtracted only if given). CLS is not normalised. Works eagerly and inside ``jax.jit``.
     """
+    gh, gw = model.grid_for(pixels.shape[1], pixels.shape[2])
+    n, d = gh * gw, model.config.hidden_size
+    mean = None if stats_mean is None else _stats_to_tokens(stats_mean, n, d, "stats_mean")
+    var = None if stats_var is None else _stats_to_tokens(stats_var, n, d, "stats_var")
     hs = model(pixels, final_affine=False)
-    r = model.config.num_register_tokens
-    cls, z = hs[:, 0], hs[:, 1 + r:]
-    n, d = z.shape[1], z.shape[2]
-    if stats_mean is not None:
-        z = z - _stats_to_tokens(stats_mean, n, d, "stats_mean")
-    if stats_var is not None:
-        z = z / jnp.sqrt(_stats_to_tokens(stats_var, n, d, "stats_var") + 1e-5)
+    cls, z = hs[:, 0], hs[:, 1 + model.config.num_register_tokens:]
+    if mean is not None:
+        z = z - mean
+    if var is not None:
+        z = z / jnp.sqrt(var + 1e-5)
     return z, cls
 
 
@@ -335,3 +373,14 @@ def make_encode_fn(model: Dinov2, stats_var: Any = None, stats_mean: Any = None)
         return encode_mmfm(nnx.merge(graphdef, state), pixels, var, mean)
 
     return lambda pixels: _fn(state, pixels, var, mean)
+
+
+def make_forward_fn(model: Dinov2, final_affine: bool = True):
+    """A jitted ``fn(pixels) -> last_hidden_state`` over a split copy of ``model``."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def _fn(state, pixels):
+        return nnx.merge(graphdef, state)(pixels, final_affine=final_affine)
+
+    return lambda pixels: _fn(state, pixels)
