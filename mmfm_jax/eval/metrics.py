@@ -107,24 +107,24 @@ def inception_score(logits_or_probs: np.ndarray, split_size: int | None = 5000, 
 # Precision / recall (ADM's ManifoldEstimator, k-NN hyperspheres in squared-distance space)
 
 
+def _sq_dists_block(a: jax.Array, b: jax.Array, dt: Any) -> jax.Array:
+    a, b = a.astype(dt), b.astype(dt)
+    na = jnp.sum(jnp.square(a).astype(jnp.float32), axis=1).astype(dt)
+    nb = jnp.sum(jnp.square(b).astype(jnp.float32), axis=1).astype(dt)
+    prec = "highest" if dt == jnp.float32 else None  # fp32 without TF32; fp16 inputs are exact in any mode
+    ab = jnp.matmul(a, b.T, precision=prec, preferred_element_type=jnp.float32).astype(dt)
+    d = (na[:, None] - (2 * ab).astype(dt)).astype(dt) + nb[None, :]
+    return jnp.maximum(d.astype(dt), 0).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _sq_dists(u: jax.Array, v: jax.Array, dtype: str) -> jax.Array:
     """Squared distances ``max(|u|^2 - 2 u.v + |v|^2, 0)`` ``[R, C]`` float32. ``'float16'``: ADM's TF block (inputs
     and every intermediate rounded to float16, float32 accumulation), falling back to float32 if non-finite."""
-
-    def block(a, b, dt):
-        a, b = a.astype(dt), b.astype(dt)
-        na = jnp.sum(jnp.square(a).astype(jnp.float32), axis=1).astype(dt)
-        nb = jnp.sum(jnp.square(b).astype(jnp.float32), axis=1).astype(dt)
-        ab = jnp.matmul(a, b.T, precision="highest", preferred_element_type=jnp.float32).astype(dt)
-        d = (na[:, None] - (2 * ab).astype(dt)).astype(dt) + nb[None, :]
-        return jnp.maximum(d.astype(dt), 0).astype(jnp.float32)
-
-    d32 = block(u, v, jnp.float32)
     if dtype == "float32":
-        return d32
-    d16 = block(u, v, jnp.float16)
-    return jnp.where(jnp.all(jnp.isfinite(d16)), d16, d32)
+        return _sq_dists_block(u, v, jnp.float32)
+    d16 = _sq_dists_block(u, v, jnp.float16)
+    return jax.lax.cond(jnp.all(jnp.isfinite(d16)), lambda: d16, lambda: _sq_dists_block(u, v, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
