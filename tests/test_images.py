@@ -17,6 +17,7 @@ from mmfm_jax.data.images import (
     ImageFolderSource,
     TfdsSource,
     image_dataset,
+    make_source,
     prepare_imagenet2012,
     to_batches,
 )
@@ -81,6 +82,9 @@ def test_folder_source_decodes_and_counts_bad_files(folder):
     root, expected = folder
     src = ImageFolderSource(root)
     assert src.classes == ["b00", "n01", "n02"] and len(src) == 12 + 9
+    assert len(make_source("folder", root)) == 21
+    with pytest.raises(FileNotFoundError):
+        make_source("tfds", root / "no_tfds_here")
     rels = [src.describe(i) for i in range(len(src))]
     assert rels == sorted(rels)  # class-major, files sorted: as torchvision ImageFolder
     ex = collect(to_batches(image_dataset(src, CROP, shard_index=0, shard_count=1), 5, num_threads=2))

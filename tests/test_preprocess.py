@@ -18,6 +18,7 @@ from mmfm_jax.data.preprocess import (
     imagenet_normalize,
     mmfm_pixels,
     mmfm_train_transform,
+    random_flips,
     resize_bicubic_torch,
 )
 
@@ -137,3 +138,12 @@ def test_normalize_and_pixel_paths():
     np.testing.assert_allclose(cls_in, (c224 / np.float32(255) - np.array(IMAGENET_MEAN, np.float32))
                                / np.array(IMAGENET_STD, np.float32), atol=1e-6)
     np.testing.assert_allclose(np.asarray(mmfm_pixels(jnp.asarray(c224[None]), 224))[0], cls_in, atol=1e-6)
+
+
+def test_random_flips_depend_on_global_index_only():
+    key = jax.random.key(7)
+    idx = jnp.arange(100, 164)
+    full = np.asarray(random_flips(key, idx))
+    assert 15 < full.sum() < 49
+    np.testing.assert_array_equal(np.asarray(random_flips(key, idx[::-1]))[::-1], full)
+    np.testing.assert_array_equal(np.asarray(random_flips(key, idx[10:20])), full[10:20])

@@ -114,6 +114,23 @@ class TfdsSource:
         return f"{self.name}:{self.split}[{i}]"
 
 
+CROP_TRAIN = 256  # MM-FM training / encode path: ADM crop 256, then (on device) flip + bicubic 224
+CROP_CLS = 224  # [CLS] path of the GMM fit (spec 2c): ADM crop 224 directly
+
+
+def make_source(kind: str, path: str | os.PathLike | None, split: str = "train",
+                name: str = "imagenet2012") -> ImageFolderSource | TfdsSource:
+    """``kind='folder'``: ``path`` = the image-folder root (``split`` ignored); ``kind='tfds'``: ``path`` = the TFDS
+    ``data_dir`` (None = TFDS default), dataset ``name``, ``split``."""
+    if kind == "folder":
+        if path is None:
+            raise ValueError("make_source: kind='folder' needs a path")
+        return ImageFolderSource(path)
+    if kind == "tfds":
+        return TfdsSource(name, split, path)
+    raise ValueError(f"make_source: kind must be 'folder' or 'tfds', got {kind!r}")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Decoding and the per-example map
 

@@ -166,6 +166,13 @@ def mmfm_pixels(images: jax.Array, size: int = 224, flip: jax.Array | None = Non
     return imagenet_normalize(x)
 
 
+def random_flips(key: jax.Array, indices: jax.Array, p: float = 0.5) -> jax.Array:
+    """bool ``[B]``: flip example ``i`` with probability ``p`` from ``fold_in(key, indices[i])`` (the project's RNG
+    convention: the decision depends only on the key and the global example index, not on the batch split)."""
+    idx = jnp.asarray(indices).astype(jnp.uint32)
+    return jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), p))(idx)
+
+
 def mmfm_train_transform(pil_image: Image.Image, flip: bool = False, crop_size: int = 256,
                          size: int = 224) -> np.ndarray:
     """One image through the MM-FM training path: ``center_crop_arr(256)`` -> flip -> [0,1] -> bicubic 224 ->
