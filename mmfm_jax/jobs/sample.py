@@ -1,0 +1,296 @@
+"""``python -m mmfm_jax sample``: source draws -> Euler ODE (+ AutoGuidance) -> RAE decoder -> uint8 image shards.
+
+Models come from a training run (``model.kind = 'train'``: the EMA parameters of an Orbax checkpoint, restored
+onto this job's mesh whatever device count wrote it) or from an official checkpoint (``'official'``: ``.pt`` with its
+``ema`` entry, ``.safetensors`` or ``.npz``). The guide (AutoGuidance) is specified the same way.
+
+Sample ``i`` uses the key ``fold_in(PRNGKey(seed), i)`` for its mode and source noise, so the same seed gives the
+same images whatever the number of devices, processes or the batch size. Sampling is ``jit`` over the mesh with
+the batch split over every device of every process. Output: ``WORKDIR/samples/images-XXXXX.npz`` (``arr_0``
+[n, H, W, 3] uint8, ``index``, ``mode``), written atomically; a restarted job skips finished shards. ``grid.png``
+shows the first images. ``merge_npz`` also writes one ADM-style ``samples.npz`` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmfm_jax import parallel
+from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
+from mmfm_jax.flow.samplers import euler_grid, euler_sample, guided_velocity_fn
+from mmfm_jax.flow.time import resolution_shift
+from mmfm_jax.gmm.source import load_source, sample_prior, sample_source
+from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
+from mmfm_jax.utils import progress
+
+DEFAULT_CONFIG = "sample.py:tiny"
+log = logging.getLogger("mmfm_jax")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    validate_base(cfg)
+    for name in ("model", "guide"):
+        if name == "guide" and not cfg.guide.enabled:
+            continue
+        check_choice(cfg, f"{name}.kind", ("train", "official"))
+        key = "workdir" if cfg[name].kind == "train" else "path"
+        check(cfg, f"{name}.{key}", lambda v: bool(v), f"required for {name}.kind={cfg[name].kind!r}")
+    check_choice(cfg, "source.kind", ("gaussian", "gmm"))
+    if cfg.source.kind == "gmm":
+        check(cfg, "source.path", lambda v: bool(v), "required for source.kind='gmm' (a fit-gmm source folder)")
+    check_positive(cfg, "num_samples")
+    check_positive(cfg, "batch_size")
+    check_positive(cfg, "output.images_per_shard")
+    check(cfg, "sampler.num_points", lambda v: int(v) >= 2, "must be >= 2 (N points = N - 1 model evaluations)")
+    check_choice(cfg, "sampler.dtype", ("float32", "bfloat16"))
+    check(cfg, "guide.t_min", lambda v: 0.0 <= v <= cfg.guide.t_max <= 1.0, "need 0 <= t_min <= t_max <= 1")
+    if cfg.decoder.enabled:
+        check(cfg, "decoder.weights", lambda v: bool(v) or cfg.decoder.random_init,
+              "required: the RAE decoder (official model.pt, or .safetensors/.npz with its keys)")
+        check(cfg, "decoder.stats", lambda v: bool(v), "required: latent statistics (stats.npz or official stat.pt)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def _pure_shardings(mesh, abstract_state, rules):
+    return nnx.to_pure_dict(parallel.state_shardings(mesh, abstract_state, rules))
+
+
+def restore_train_ema(workdir: str | Path, mesh, rules: Any = None, dtype: str | None = None, step: int = -1
+                      ) -> tuple[nnx.GraphDef, Any, DiTDHConfig, int]:
+    """EMA parameters (+ buffers) of a training run's checkpoint, restored onto ``mesh`` with the model's logical
+    shardings (Orbax partial restore: the optimizer state is never read). ``step=-1``: the newest step that
+    restores; an unreadable newest step falls back to the previous one with a warning.
+
+    Returns ``(graphdef, state, model_config, step)``; ``nnx.merge(graphdef, state)`` is the model.
+    """
+    import orbax.checkpoint as ocp
+
+    from mmfm_jax.jobs.train import model_config
+
+    workdir = Path(workdir).absolute()
+    train_cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    mcfg = model_config(train_cfg)
+    if dtype is not None:
+        mcfg = dataclasses.replace(mcfg, dtype=dtype)
+    g, p, r = nnx.split(nnx.eval_shape(lambda: DiTDH(mcfg, nnx.Rngs(0))), nnx.Param, ...)
+    psh, bsh = _pure_shardings(mesh, p, rules), _pure_shardings(mesh, r, rules)
+    abs_p, abs_b = nnx.to_pure_dict(p), nnx.to_pure_dict(r)
+    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    target = {"ema": jax.tree.map(sds, abs_p, psh), "buffers": jax.tree.map(sds, abs_b, bsh)}
+    ckdir = workdir / "checkpoints"
+    steps = sorted((int(d.name) for d in ckdir.iterdir() if d.name.isdigit() and (d / "state").exists()),
+                   reverse=True) if ckdir.exists() else []
+    if step >= 0:
+        steps = [s for s in steps if s == step]
+    if not steps:
+        raise FileNotFoundError(f"sample: no checkpoint{f' at step {step}' if step >= 0 else ''} in {ckdir}")
+    ckptr = ocp.PyTreeCheckpointer()
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    for i, s in enumerate(steps):
+        try:
+            out = ckptr.restore(ckdir / str(s) / "state", args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+        except Exception as e:  # noqa: BLE001  (truncated / corrupt step: try the previous one)
+            log.warning("sample: checkpoint step %d unusable (%s: %s)", s, type(e).__name__, str(e)[:200])
+            continue
+        if i:
+            log.warning("sample: using checkpoint step %d instead of the newest %d", s, steps[0])
+        return g, _merge(g, p, r, out), mcfg, s
+    raise FileNotFoundError(f"sample: no usable checkpoint in {ckdir} (tried {steps})")
+
+
+def _merge(g, p, r, out) -> Any:
+    pstate, rstate = nnx.State(p), nnx.State(r)
+    nnx.replace_by_pure_dict(pstate, out["ema"])
+    nnx.replace_by_pure_dict(rstate, out["buffers"])
+    return nnx.state(nnx.merge(g, pstate, rstate))
+
+
+def load_model(spec: ml_collections.ConfigDict, mesh, rules: Any, dtype: str) -> tuple[Any, Any, DiTDHConfig, str]:
+    """-> (graphdef, sharded state, config, description) for ``spec.kind`` 'train' or 'official'."""
+    if spec.kind == "train":
+        g, state, mcfg, step = restore_train_ema(spec.workdir, mesh, rules, dtype, int(spec.step))
+        return g, state, mcfg, f"{spec.workdir}@{step}"
+    from mmfm_jax.convert.ditdh import load_official_ditdh
+
+    overrides: dict[str, Any] = {"dtype": dtype}
+    if spec.use_y_conditioning in ("true", "false"):
+        overrides["use_y_conditioning"] = spec.use_y_conditioning == "true"
+    model = load_official_ditdh(spec.path, prefix=spec.prefix, **overrides)
+    g, state = nnx.split(model)
+    state = jax.device_put(state, parallel.state_shardings(mesh, state, rules))
+    return g, state, model.config, str(spec.path)
+
+
+def build_decoder(cfg: ml_collections.ConfigDict):
+    from mmfm_jax.models.decoder import DecoderConfig, RAEDecoder
+
+    d = cfg.decoder
+    dcfg = DecoderConfig.preset(d.preset, dtype=cfg.sampler.dtype,
+                                **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.overrides.items()})
+    if d.random_init:
+        log.warning("sample: random decoder weights (decoder.random_init=True): for tests only")
+        return RAEDecoder(dcfg, rngs=nnx.Rngs(0))
+    from mmfm_jax.convert.decoder import load_decoder
+
+    return load_decoder(d.weights, dcfg, prefix=d.prefix)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_shape):
+    """jit over the mesh: global sample indices [B] -> (uint8 images or latents, modes)."""
+    g_main, _, mcfg_main, _ = main
+    grid = euler_grid(int(cfg.sampler.num_points), float(cfg.sampler.shift) or resolution_shift(
+        math.prod(event_shape)), float(cfg.sampler.t_end))
+    base = jax.random.PRNGKey(int(cfg.seed))
+    table_sharded = source is not None and cfg.source.shard_table
+    batch_sh = parallel.batch_sharding(mesh, 1)
+    dec_graph = None if decoder is None else nnx.graphdef(decoder)
+
+    def fn(main_state, guide_state, src, dec_state, indices):
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+        b = indices.shape[0]
+        if src is None:
+            z0, k = sample_source("gaussian", None, None, keys, (b, *event_shape))
+        else:
+            z0, k = sample_prior(src, keys, mesh=mesh if table_sharded else None)
+        z0 = z0.astype(jnp.bfloat16 if cfg.sampler.dtype == "bfloat16" else jnp.float32)
+        model = nnx.merge(g_main, main_state)
+        y = k if mcfg_main.use_y_conditioning else None
+        vfn = lambda x, t: model(x, t, y)  # noqa: E731
+        if guide is not None:
+            gmodel = nnx.merge(guide[0], guide_state)
+            gy = k if guide[2].use_y_conditioning else None
+            vfn = guided_velocity_fn(vfn, lambda x, t: gmodel(x, t, gy), float(cfg.guide.scale),
+                                     float(cfg.guide.t_min), float(cfg.guide.t_max))
+        x = euler_sample(vfn, z0, grid)
+        if dec_graph is None:
+            return x, k
+        from mmfm_jax.models.decoder import decode_latents, to_uint8
+
+        return to_uint8(decode_latents(nnx.merge(dec_graph, dec_state), x, var, mean)), k
+
+    jitted = jax.jit(fn, out_shardings=(parallel.batch_sharding(mesh, 4 if decoder is not None else 3), batch_sh))
+    return jitted, grid
+
+
+def _todo_shards(out: Path, n_shards: int) -> list[int]:
+    todo = [s for s in range(n_shards) if not (out / f"images-{s:05d}.npz").exists()]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        mask = np.zeros(n_shards, np.int32)
+        mask[todo] = 1
+        mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+        todo = [int(i) for i in np.nonzero(mask)[0]]
+    return todo
+
+
+def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
+    mesh = ctx.mesh
+    rules = parallel.rules_from_config(cfg)
+    main = load_model(cfg.model, mesh, rules, cfg.sampler.dtype)
+    guide = load_model(cfg.guide, mesh, rules, cfg.sampler.dtype) if cfg.guide.enabled else None
+    mcfg = main[2]
+    if mcfg.patch_size != 1:
+        raise ConfigError("config.model: only patch_size 1 (token latents) is supported by the sampler")
+    event_shape = (mcfg.input_size ** 2, mcfg.in_channels)
+    source = None
+    if cfg.source.kind == "gmm":
+        source, _ = load_source(cfg.source.path, mesh if cfg.source.shard_table else None)
+        if tuple(source.event_shape) != event_shape:
+            raise ConfigError(f"config.source.path: table event shape {source.event_shape} != model's {event_shape}")
+        if mcfg.use_y_conditioning and source.n_modes > mcfg.num_modes:
+            raise ConfigError(f"config.source.path: {source.n_modes} modes but the model's table has "
+                              f"{mcfg.num_modes} rows")
+        if not cfg.source.shard_table:
+            source = jax.device_put(source, parallel.replicated(mesh))
+    decoder = var = mean = None
+    if cfg.decoder.enabled:
+        from mmfm_jax.data.stats import load_stats
+
+        decoder = build_decoder(cfg)
+        dc = decoder.config
+        if (dc.num_patches, dc.latent_dim) != event_shape:
+            raise ConfigError(f"config.decoder: decodes {dc.num_patches} tokens x {dc.latent_dim}, the model makes "
+                              f"{event_shape[0]} x {event_shape[1]}")
+        var, mean = load_stats(cfg.decoder.stats, *event_shape)
+        var = jnp.asarray(var)
+        mean = None if mean is None or not cfg.decoder.use_mean else jnp.asarray(mean)
+    fn, grid = make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_shape)
+    rep = parallel.replicated(mesh)
+    dec_state = None if decoder is None else jax.device_put(nnx.state(decoder), rep)
+    guide_state = None if guide is None else guide[1]
+
+    n, per_shard = int(cfg.num_samples), int(cfg.output.images_per_shard)
+    gb = int(cfg.batch_size)
+    mult = parallel.batch_size_multiple(mesh)
+    gb = -(-gb // mult) * mult
+    n_shards = math.ceil(n / per_shard)
+    out = ctx.path("samples")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    parallel.sync("sample_dir")
+    todo = _todo_shards(out, n_shards)
+    log.info("sample: %d samples in %d shards (%d to do), batch %d, %d-point grid (%d NFE%s), model %s%s",
+             n, n_shards, len(todo), gb, len(grid), len(grid) - 1, " x2 (AutoGuidance)" if guide else "", main[3],
+             f", guide {guide[3]} scale {cfg.guide.scale}" if guide else "")
+    bar = progress(total=sum(min(per_shard, n - s * per_shard) for s in todo), desc="sample")
+    for s in todo:
+        lo, hi = s * per_shard, min((s + 1) * per_shard, n)
+        imgs, modes = [], []
+        for b0 in range(lo, hi, gb):
+            idx = np.arange(b0, b0 + gb, dtype=np.int32)  # past ``hi``: computed and dropped
+            g_idx = parallel.host_to_global(idx[parallel.local_batch_slice(gb)], mesh)
+            x, k = fn(main[1], guide_state, source, dec_state, g_idx)
+            x, k = parallel.global_to_host((x, k))
+            take = min(gb, hi - b0)
+            imgs.append(x[:take])
+            modes.append(k[:take])
+            bar.update(take)
+        if ctx.is_main:
+            arr = np.concatenate(imgs)
+            tmp = out / f".images-{s:05d}.tmp.npz"
+            np.savez(tmp, arr_0=arr, index=np.arange(lo, hi), mode=np.concatenate(modes))
+            tmp.replace(out / f"images-{s:05d}.npz")
+            if s == 0 and cfg.output.png_grid and decoder is not None:
+                _write_grid(ctx.path("grid.png"), arr[:64])
+        parallel.sync(f"sample_shard_{s}")
+    bar.close()
+    summary = dict(num_samples=n, shards=n_shards, shards_written_now=len(todo), grid_points=len(grid),
+                   nfe_per_model=len(grid) - 1, model=main[3], guide=guide[3] if guide else None,
+                   guide_scale=float(cfg.guide.scale) if guide else None, source=cfg.source.kind,
+                   dtype=cfg.sampler.dtype, output=str(out), decoded=decoder is not None)
+    if cfg.output.merge_npz and ctx.is_main and decoder is not None:
+        arrs = [np.load(out / f"images-{s:05d}.npz")["arr_0"] for s in range(n_shards)]
+        np.savez(ctx.path("samples.npz"), arr_0=np.concatenate(arrs))
+        summary["merged"] = str(ctx.path("samples.npz"))
+    return summary
+
+
+def _write_grid(path: Path, images: np.ndarray, cols: int = 8) -> None:
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+    Image.fromarray(grid).save(path)
