@@ -418,16 +418,18 @@ def test_guided_sampling_and_sweep_equal_separate_runs():
     ode_kw = dict(num_substeps=4, order=2, **common)
     sde_kw = dict(solver="sde", keys=keys, **common)
 
+    one_ode = jax.jit(lambda x, w: gf.gm_sample(fn, x, gf.gm_grid(3, 4), guidance_scale=w, **ode_kw))
+    one_sde = jax.jit(lambda x, w: gf.gm_sample(fn, x, gf.gm_grid(3), guidance_scale=w, **sde_kw))
+
     @jax.jit
     def run(x):
-        sweep_ode = gf.sample_sweep(fn, x, gf.gm_grid(3, 4), scales, **ode_kw)
-        sweep_sde = gf.sample_sweep(fn, x, gf.gm_grid(3), scales, **sde_kw)
-        sep_ode = [gf.gm_sample(fn, x, gf.gm_grid(3, 4), guidance_scale=w, **ode_kw) for w in scales]
-        sep_sde = [gf.gm_sample(fn, x, gf.gm_grid(3), guidance_scale=w, **sde_kw) for w in scales]
-        plain = gf.gm_sample(fn, x, gf.gm_grid(3, 4), num_substeps=4, order=2, source=DIAG)
-        return sweep_ode, sweep_sde, jnp.stack(sep_ode), jnp.stack(sep_sde), plain
+        return (gf.sample_sweep(fn, x, gf.gm_grid(3, 4), scales, **ode_kw),
+                gf.sample_sweep(fn, x, gf.gm_grid(3), scales, **sde_kw),
+                gf.gm_sample(fn, x, gf.gm_grid(3, 4), num_substeps=4, order=2, source=DIAG))
 
-    sweep_ode, sweep_sde, sep_ode, sep_sde, plain = run(x1)
+    sweep_ode, sweep_sde, plain = run(x1)
+    sep_ode = jnp.stack([one_ode(x1, w) for w in scales])  # one run per scale
+    sep_sde = jnp.stack([one_sde(x1, w) for w in scales])
     assert sweep_ode.shape == (3, 16, 3, 2)
     np.testing.assert_allclose(sweep_ode, sep_ode, atol=1e-4)
     np.testing.assert_allclose(sweep_sde, sep_sde, atol=1e-4)
