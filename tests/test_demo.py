@@ -1,0 +1,23 @@
+"""A short digits-demo run: every output is written and the summary holds the speed-up figures."""
+
+import json
+
+from mmfm_jax.cli import run_job
+from mmfm_jax.config_utils import load_config
+
+
+def test_demo_short_run(tmp_path, repo_dir):
+    cfg = load_config(f"{repo_dir}/configs/demo.py:test")
+    s = run_job("demo", cfg, tmp_path)
+    assert s["classifier_test_accuracy"] > 0.85
+    assert set(s["final"]) == {"gaussian", "gmm_mode_cond"}
+    for curve in s["curves"].values():
+        assert [r["step"] for r in curve] == [20, 40]
+        assert all(r["fd"] > 0 and 0 <= r["covered"] <= 1 for r in curve)
+    assert s["speedup"]["gaussian"]["steps_to_baseline_final_fd"] == 40
+    assert s["gmm"]["em_iterations"] >= 1
+    for f in ("table.md", "report.md", "convergence.png", "samples_gaussian.png", "samples_gmm_mode_cond.png",
+              "summary.json", "config.json", "curves.json"):
+        assert (tmp_path / f).exists(), f
+    assert "speed-up" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["job"] == "demo"
