@@ -254,6 +254,19 @@ class DiTDH(nnx.Module):
         cos, sin = rope_2d_tables(head_dim, self.config.grid)
         return jnp.asarray(cos), jnp.asarray(sin)
 
+    def _scan_blocks(self, s: jax.Array, c: jax.Array, cos: jax.Array | None, sin: jax.Array | None) -> jax.Array:
+        """``jax.lax.scan`` over the stacked s-branch blocks. A plain scan (not ``nnx.scan``) so the per-layer
+        parameters are only read: nothing is written back into stacked outputs on every iteration."""
+        gdef, stacked = nnx.split(self.blocks)
+
+        def body(h, layer_state):
+            return _block_fn(nnx.merge(gdef, layer_state), h, c, cos, sin), None
+
+        policy = REMAT_POLICIES[self.config.remat]
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        return jax.lax.scan(body, s, stacked)[0]
+
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         expect = (cfg.input_size ** 2, cfg.in_channels)
@@ -275,8 +288,7 @@ class DiTDH(nnx.Module):
         cos, sin = self._rope(ds // cfg.num_heads[0])
         fn = maybe_remat(_block_fn, cfg.remat)
         if cfg.scan_layers:
-            scan = nnx.scan(fn, in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry)
-            s = scan(self.blocks, s, c, cos, sin)
+            s = self._scan_blocks(s, c, cos, sin)
         else:
             for blk in self.blocks:
                 s = fn(blk, s, c, cos, sin)
