@@ -1,0 +1,123 @@
+"""``python -m mmfm_jax.bench train [--config=configs/train.py:xl_mode] [--batch=N] [--accum=A] [--dtype=bfloat16]
+[--steps=10] [--peak=989] [--remat=none] [--scan] [--fsdp=1]``
+
+Times the real jitted train step (in-step mode coupling from a synthetic K-mode source, AdamW, EMA) on synthetic
+latents over every device, and prints images/s, model TFLOP/s per device (3 x forward matmul FLOPs) and MFU against
+``--peak`` (dense bf16 TFLOP/s per device: H100 SXM 989, TPU v5p 459, v6e 918). ``--batch=0`` searches the largest
+global batch (powers of two per device) that compiles and runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+
+def _setup(args):
+    from pathlib import Path
+
+    from mmfm_jax import parallel
+    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.gmm.diag import DiagGMM
+    from mmfm_jax.gmm.source import ModeSource, shard_source
+    from mmfm_jax.jobs.train import model_config, step_config
+    from mmfm_jax.models.ditdh import DiTDH, ditdh_flops_per_example
+    from mmfm_jax.train.optim import optimizer_from_config
+    from mmfm_jax.train.state import create_train_state
+    from mmfm_jax.train.step import make_train_step
+
+    cfg_path = args.config
+    if not cfg_path.startswith("/"):
+        cfg_path = str(Path(__file__).resolve().parents[2] / cfg_path)
+    cfg = load_config(cfg_path, {"train.compute_dtype": args.dtype, "train.grad_accum_steps": args.accum,
+                                 "mesh.fsdp": args.fsdp})
+    mcfg = dataclasses.replace(model_config(cfg), remat=args.remat, scan_layers=args.scan)
+    mesh = parallel.mesh_from_config(cfg)
+    tokens, ch = mcfg.input_size ** 2, mcfg.in_channels
+    kind = cfg.source.kind
+    source = None
+    k = mcfg.num_modes
+    if kind != "gaussian":
+        r = np.random.default_rng(0)
+        d = 768
+        gmm = DiagGMM(np.full(k, 1.0 / k, np.float32), r.normal(size=(k, d)).astype(np.float32),
+                      np.ones((k, d), np.float32))
+        table = np.zeros((k, tokens, ch), np.float32)
+        source = shard_source(ModeSource(gmm, table, np.ones(k, np.float32)), mesh)
+    scfg = step_config(cfg, (tokens, ch), k)
+    tx, lr_fn, ema_fn = optimizer_from_config(cfg.train)
+    state, sh, mdef = create_train_state(lambda rr: DiTDH(mcfg, rr), tx, mesh, 0, scfg.adaptive.num_modes)
+    step = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, sh)
+    return cfg, mcfg, mesh, source, scfg, state, step, ditdh_flops_per_example(mcfg)
+
+
+def _batch(mesh, scfg, g: int, tokens: int, ch: int):
+    from mmfm_jax.train.step import put_batch
+
+    r = np.random.default_rng(1)
+    local = g // jax.process_count()
+    b = {"latent": r.normal(size=(local, tokens, ch)).astype(np.float32),
+         "cls": r.normal(size=(local, 768)).astype(np.float32), "label": np.zeros(local, np.int32)}
+    return put_batch(b, mesh, scfg)
+
+
+def _time(step, state, batch, source, steps: int):
+    state, m = step(state, batch, source)  # compile + warm-up
+    jax.block_until_ready(m)
+    state, m = step(state, batch, source)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch, source)
+    jax.block_until_ready(m)
+    return state, (time.perf_counter() - t0) / steps, float(m["loss"])
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench train")
+    p.add_argument("--config", default="configs/train.py:xl_mode")
+    p.add_argument("--batch", type=int, default=0, help="global batch; 0 = search the largest that fits")
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--peak", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100 SXM: 989)")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--scan", action="store_true")
+    p.add_argument("--fsdp", type=int, default=1)
+    p.add_argument("--max-per-device", type=int, default=256)
+    args = p.parse_args(argv[1:])
+    cfg, mcfg, mesh, source, scfg, state, step, fwd_flops = _setup(args)
+    tokens, ch = mcfg.input_size ** 2, mcfg.in_channels
+    n_dev = jax.device_count()
+    print(f"devices: {n_dev} x {jax.devices()[0].device_kind}; model {cfg.model.preset} "
+          f"({sum(x.size for x in jax.tree.leaves(state.params)):,} params), dtype {args.dtype}, remat {args.remat}, "
+          f"scan {args.scan}, source {scfg.source_kind}, y {scfg.y_from}, accum {args.accum}")
+    candidates = [args.batch] if args.batch else [n_dev * 2 ** i for i in range(0, 12)
+                                                   if 2 ** i <= args.max_per_device]
+    best = None
+    for g in candidates:
+        if g % args.accum or (g // args.accum) % n_dev:
+            continue
+        try:
+            batch = _batch(mesh, scfg, g, tokens, ch)
+            state, sec, loss = _time(step, state, batch, source, args.steps)
+        except Exception as e:  # noqa: BLE001  (out of memory: stop the search)
+            msg = str(e).splitlines()[0][:160]
+            print(f"batch {g}: failed ({type(e).__name__}: {msg})")
+            if args.batch:
+                raise
+            break
+        ips = g / sec
+        tflops = 3 * fwd_flops * ips / n_dev / 1e12
+        row = dict(batch=g, sec_per_step=sec, images_per_s=ips, tflops_per_device=tflops, mfu=tflops / args.peak)
+        print(f"batch {g:5d}: {sec * 1e3:9.1f} ms/step  {ips:9.1f} img/s  {tflops:7.1f} TFLOP/s/device  "
+              f"MFU {100 * row['mfu']:5.1f}%  (loss {loss:.4f})")
+        best = row
+    if best:
+        print(f"\nbest: batch {best['batch']}, {best['images_per_s']:.1f} img/s, "
+              f"{best['tflops_per_device']:.1f} TFLOP/s/device = {100 * best['mfu']:.1f}% of {args.peak} peak; "
+              f"forward {fwd_flops / 1e9:.1f} GFLOP/image")
