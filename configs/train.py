@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ema_decay=0.9995, warmup_steps=2500, weight_by="mode"))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True,
                                                   preemption_check_every=10))
-    c.debug = ml_collections.ConfigDict(dict(hang_at_step=-1))
+    c.debug = ml_collections.ConfigDict(dict(hang_at_step=-1, sigterm_at_step=-1))
     c.log_every = 100
 
     if variant == "xl_mode":

@@ -46,6 +46,12 @@ class JobContext:
 
 def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
+    try:  # absl.app installs its own handler on the root logger: keep one copy of every line
+        from absl import logging as absl_logging
+
+        root.removeHandler(absl_logging.get_absl_handler())
+    except Exception:  # noqa: BLE001
+        pass
     if not any(getattr(h, "_mmfm", False) for h in root.handlers):
         h = logging.StreamHandler(sys.stderr)
         h._mmfm = True  # type: ignore[attr-defined]

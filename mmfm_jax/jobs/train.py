@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
+import os
+import signal
 import time
 from typing import Any
 
@@ -29,12 +30,13 @@ from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
 from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from mmfm_jax.train.optim import optimizer_from_config
-from mmfm_jax.train.state import abstract_train_state, create_train_state, param_count
+from mmfm_jax.train.state import param_count, state_initializer
 from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
 from mmfm_jax.utils import progress
 
 DEFAULT_CONFIG = "train.py:tiny"
 log = logging.getLogger("mmfm_jax.train")
+_COMPILED: dict[Any, Any] = {}
 
 
 class NonFiniteError(RuntimeError):
@@ -159,7 +161,15 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
         return DiTDH(mcfg, rngs)
 
     kmodes = scfg.adaptive.num_modes
-    target, shardings, mdef = abstract_train_state(make_model, tx, mesh, cfg.seed, kmodes, rules)
+    key = (mcfg, scfg, tuple(sorted(t.to_dict().items())), mesh, tuple(sorted(rules.items())), cfg.seed, kmodes)
+    if key not in _COMPILED:  # reuse compiled init/step across runs in one process (demo, tests)
+        init, shardings, mdef = state_initializer(make_model, tx, mesh, cfg.seed, kmodes, rules)
+        _COMPILED[key] = (init, shardings, mdef, make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings))
+        while len(_COMPILED) > 4:
+            _COMPILED.pop(next(iter(_COMPILED)))
+    init, shardings, mdef, step_fn = _COMPILED[key]
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init), shardings)
     it = latents_lib.make_iterator(ds, G, seed=cfg.seed, shuffle=cfg.data.shuffle,
                                    num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch)
     ckpt = Checkpointer(ctx.path("checkpoints"), max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -170,10 +180,9 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
         log.info("resumed from checkpoint step %d%s", restored.step,
                  f" (latest step {restored.fallback_from} was unusable)" if restored.fallback_from else "")
     else:
-        state, _, _ = create_train_state(make_model, tx, mesh, cfg.seed, kmodes, rules)
+        state = init()
         start = 0
     n_params = param_count(state)
-    step_fn = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings)
     flops_step = 3.0 * ditdh_flops_per_example(mcfg) * G  # forward + backward
     log.info("train: %s params, batch %d (%d micro-batches), %s source, y=%s, shift %.4f, steps %d -> %d",
              f"{n_params:,}", G, t.grad_accum_steps, scfg.source_kind, scfg.y_from, scfg.shift, start, t.num_steps)
@@ -206,14 +215,17 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
             if pending is not None:  # one step behind: no host sync on the step just dispatched
                 check_finite(pending)
             pending = m
+            if cfg.debug.sigterm_at_step == step:  # tests: a real SIGTERM through the handler, in-process
+                os.kill(os.getpid(), signal.SIGTERM)
+            if cfg.debug.hang_at_step == step:  # tests: wait here for SIGKILL (or SIGTERM: save and exit)
+                ckpt.wait()
+                print(f"DEBUG: hanging at step {step}", flush=True)
+                while not guard.requested:
+                    signal.pause()
             check_now = not multi or step % cfg.checkpoint.preemption_check_every == 0
             stop = check_now and guard.should_stop()
             if step % cfg.checkpoint.every_steps == 0 or step == t.num_steps or stop:
                 ckpt.save(step, state, latents_lib.iterator_state_bytes(it), config_dict)
-            if cfg.debug.hang_at_step == step:
-                ckpt.wait()
-                print(f"DEBUG: hanging at step {step}", flush=True)
-                threading.Event().wait()
             if stop:
                 preempted = True
                 log.warning("preempted: checkpoint saved at step %d; exiting", step)

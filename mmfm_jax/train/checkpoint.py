@@ -53,10 +53,26 @@ class Restored:
     fallback_from: int | None  # the latest step, if it was unusable
 
 
+_HANDLER_MIN_BYTES: list[int] = []
+
+
+def set_replica_parallel_min_bytes(min_bytes: int) -> None:
+    """Orbax saves replicated shards cooperatively ("replica-parallel") by slicing them across replicas; every
+    distinct slice is a small compiled program. Only slice arrays whose per-replica piece is at least
+    ``min_bytes`` (process-wide: Orbax's ``jax.Array`` handler is global)."""
+    if _HANDLER_MIN_BYTES and _HANDLER_MIN_BYTES[0] == min_bytes:
+        return
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=int(min_bytes))
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    _HANDLER_MIN_BYTES[:] = [min_bytes]
+
+
 class Checkpointer:
     """``save(step, state, data_state, config)`` / ``restore(target, iterator)`` over an Orbax manager."""
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True,
+                 replica_parallel_min_bytes: int = 1 << 20):
+        set_replica_parallel_min_bytes(replica_parallel_min_bytes)
         self.dir = Path(directory).absolute()
         opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                             create=True)

@@ -99,6 +99,15 @@ def _init_fn(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTra
     return init
 
 
+def state_initializer(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
+                      mesh: Mesh, seed: int, num_modes: int, rules: Any = None
+                      ) -> tuple[Callable[[], TrainState], TrainState, ModelDef]:
+    """``(init, shardings, model_def)``: ``init()`` is jitted with ``out_shardings`` (reusable, compiled once)."""
+    mdef = model_def(make_model)
+    shardings = state_shardings(mesh, mdef, tx, num_modes, rules)
+    return jax.jit(_init_fn(make_model, tx, seed, num_modes), out_shardings=shardings), shardings, mdef
+
+
 def create_train_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
                        mesh: Mesh, seed: int, num_modes: int, rules: Any = None
                        ) -> tuple[TrainState, TrainState, ModelDef]:
@@ -107,10 +116,8 @@ def create_train_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.G
     Model init uses ``nnx.Rngs(seed)``; the training base key is ``fold_in(PRNGKey(seed), TRAIN_KEY_STREAM)``.
     EMA starts equal to the params (the reference's ``update_ema(decay=0)``).
     """
-    mdef = model_def(make_model)
-    shardings = state_shardings(mesh, mdef, tx, num_modes, rules)
-    state = jax.jit(_init_fn(make_model, tx, seed, num_modes), out_shardings=shardings)()
-    return state, shardings, mdef
+    init, shardings, mdef = state_initializer(make_model, tx, mesh, seed, num_modes, rules)
+    return init(), shardings, mdef
 
 
 def abstract_train_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
