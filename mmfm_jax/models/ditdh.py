@@ -50,7 +50,11 @@ class DiTDHConfig:
     (8192 for MM-FM GMM runs; 1000 for the Gaussian baseline). ``dtype``: matmul compute dtype
     (``'float32' | 'bfloat16'``), params are always fp32. ``scan_layers``: scan over the identical s-branch blocks
     (faster compile; parameters stacked on a leading ``layers`` axis). ``remat``: ``'none' | 'block' | 'dots' |
-    'dots_all'``. ``attn_impl``: ``'auto' | 'xla' | 'cudnn'``."""
+    'dots_all'``. ``attn_impl``: ``'auto' | 'xla' | 'cudnn'`` (auto: cuDNN flash attention on GPU in bf16).
+
+    Measured on one H100 (XL, bf16, B=64, fwd+bwd, cuDNN attention, no remat): unrolled 162 ms (383 TFLOP/s),
+    scanned 210 ms (the scan's stacked residuals cost ~30%); forward alone 50-54 ms (~410 TFLOP/s). The XLA
+    attention path materialises fp32 logits and runs out of memory at B=64 without remat."""
 
     in_channels: int = 768
     input_size: int = 16
