@@ -285,6 +285,10 @@ def fit(
 ) -> tuple[DiagGMM, dict]:
     """Fit a diagonal GMM to ``x [N, D]`` with EM, data sharded along N over all devices of ``mesh``.
 
+    ``x``: numpy (the full array, identical on every process), a global ``jax.Array`` (e.g. from
+    ``parallel.host_to_global`` of per-process rows), or a :class:`ShardedSamples` from :func:`shard_samples` (to
+    reuse one placement for several fits). ``mesh``: default all devices (``parallel.make_mesh()``).
+
     ``init``: ``"k-means++"`` (sklearn semantics, seeded by ``seed``) or a ``DiagGMM`` used as the parameters of the
     first E-step (sklearn's ``weights_init``/``means_init``/``precisions_init = 1 / variances``).
     ``state``: resume an interrupted fit exactly (same data, mesh and arguments). ``on_iteration(it, lower_bound,

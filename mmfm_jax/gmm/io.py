@@ -135,7 +135,8 @@ def save_em_state(path: str | os.PathLike, state: EMState, metadata: dict | None
     path = os.path.abspath(os.fspath(path))
     tmp, old = path + ".tmp", path + ".old"
     if parallel.is_main_process() and os.path.exists(tmp):
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp)  # left over from an interrupted save
+    parallel.sync("gmm_io_em_state_tmp")
     _save(tmp, "state", tree, meta, overwrite=False)
     if parallel.is_main_process():
         if os.path.exists(path):
