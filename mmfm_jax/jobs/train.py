@@ -37,6 +37,9 @@ from mmfm_jax.utils import progress
 DEFAULT_CONFIG = "train.py:tiny"
 log = logging.getLogger("mmfm_jax.train")
 _COMPILED: dict[Any, Any] = {}
+# the config.train fields the compiled init/step depend on (beyond the model and step configs)
+_PROGRAM_KEYS = ("initial_lr", "base_lr", "final_lr", "initial_phase_steps", "decay_start_steps", "decay_end_steps",
+                 "schedule", "b1", "b2", "eps", "weight_decay", "clip_grad", "initial_ema_decay", "ema_decay")
 
 
 class NonFiniteError(RuntimeError):
@@ -161,7 +164,7 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
         return DiTDH(mcfg, rngs)
 
     kmodes = scfg.adaptive.num_modes
-    key = (mcfg, scfg, tuple(sorted(t.to_dict().items())), mesh, tuple(sorted(rules.items())), cfg.seed, kmodes)
+    key = (mcfg, scfg, tuple(t[k] for k in _PROGRAM_KEYS), mesh, tuple(sorted(rules.items())), cfg.seed, kmodes)
     if key not in _COMPILED:  # reuse compiled init/step across runs in one process (demo, tests)
         init, shardings, mdef = state_initializer(make_model, tx, mesh, cfg.seed, kmodes, rules)
         _COMPILED[key] = (init, shardings, mdef, make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings))
