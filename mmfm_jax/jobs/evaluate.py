@@ -49,31 +49,19 @@ def image_stream(path: str | os.PathLike, batch: int, limit: int = 0) -> tuple[i
     """-> (number of images, iterator of uint8 [n, H, W, 3] batches) for an npz, sample shards or image files."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npz":
-        n = metrics_lib.npz_array_shape(path, "arr_0")[0]
-        n = min(n, limit) if limit else n
+        npzs = [path]
+    elif path.is_dir():
+        npzs = sorted(path.glob("images-*.npz"))
+    else:
+        raise FileNotFoundError(f"evaluate: input {path} is neither an .npz nor a folder")
+    if npzs:
+        total = sum(metrics_lib.npz_array_shape(f, "arr_0")[0] for f in npzs)
+        n = min(total, limit) if limit else total
 
         def it_npz():
             seen = 0
-            for b in metrics_lib.iter_npz_batches(path, "arr_0", batch):
-                b = b[: n - seen]
-                seen += len(b)
-                if len(b):
-                    yield b
-                if seen >= n:
-                    return
-
-        return n, it_npz()
-    if not path.is_dir():
-        raise FileNotFoundError(f"evaluate: input {path} is neither an .npz nor a folder")
-    shards = sorted(path.glob("images-*.npz"))
-    if shards:
-        counts = [metrics_lib.npz_array_shape(s, "arr_0")[0] for s in shards]
-        n = sum(counts) if not limit else min(sum(counts), limit)
-
-        def it_shards():
-            seen = 0
-            for s in shards:
-                for b in metrics_lib.iter_npz_batches(s, "arr_0", batch):
+            for f in npzs:
+                for b in metrics_lib.iter_npz_batches(f, "arr_0", batch):
                     b = b[: n - seen]
                     seen += len(b)
                     if len(b):
@@ -81,7 +69,7 @@ def image_stream(path: str | os.PathLike, batch: int, limit: int = 0) -> tuple[i
                     if seen >= n:
                         return
 
-        return n, it_shards()
+        return n, it_npz()
     files = _files(path)
     if limit:
         files = files[:limit]
