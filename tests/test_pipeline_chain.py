@@ -1,12 +1,12 @@
 """encode -> fit-gmm -> train (a few steps) on 8 fake devices with a tiny encoder: the ImageNet pipeline in small."""
 
 import numpy as np
+from test_encode_job import make_folder
 
 from mmfm_jax.cli import run_job
 from mmfm_jax.config_utils import load_config
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.gmm.source import load_source
-from tests.test_encode_job import make_folder
 
 
 def test_encode_fit_gmm_train_chain(tmp_path, repo_dir):
