@@ -10,7 +10,13 @@ Variants (official numbers from the MM-FM configs, spec 2d/2h; global batch 1024
   initial phase, EMA 0.995 then 0.9995, no weighting.
 - ``s_guide_mode`` / ``s_guide_uncond``: the DiT-S AutoGuidance guides: 20 epochs (25k steps), accumulation 2,
   lr 2e-4 constant, EMA 0.9995, checkpoint every 12,500 steps.
-- ``tiny`` (default, tests): tiny DiTDH on synthetic latents, a few steps.
+- ``tiny`` (default, tests): tiny DiTDH on synthetic latents, a few steps; ``tiny_gm``: the same with GMFlow's
+  Gaussian-mixture head (``model.head='gm'``, K = 4).
+
+GMFlow (``docs/gmflow.md``): ``model.head='gm'`` (+ ``model.gm_components`` K, ``model.gm_logstd_inner``,
+``model.gm_constant_logstd``) trains with the transition NLL, lambda = ``train.gm_trans_ratio`` (GMFlow's ImageNet
+default 0.5; 1 = the plain u-NLL, the only value on a GMM source the model does not see the mode of) and
+``train.gm_weight_scale`` (2.0).
 
 ``source.path`` (a ``save_source`` folder, from ``fit-gmm``) and ``data.path`` (a latent dataset folder, from
 ``encode``) must be set for the real variants. Steps, not epochs: use ``optim.epochs_to_steps``.
@@ -53,7 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         compute_dtype="bfloat16",
         time_kind="logit_normal", time_mean=0.0, time_std=1.0, t_max=0.999,
         time_shift=0.0, time_shift_base=4096,  # 0 = sqrt(L * C / base) (sqrt(48) for 256 x 768)
-        max_consecutive_nonfinite=20, peak_tflops_per_device=989.0))
+        max_consecutive_nonfinite=20, peak_tflops_per_device=989.0,
+        compiler_options="",  # XLA options for the jitted init/step: 'name=value,...'
+        gm_trans_ratio=0.5, gm_weight_scale=2.0))  # GMFlow head only (model.head='gm')
     c.adaptive = ml_collections.ConfigDict(dict(
         enabled=True, num_modes=0, strategy="focal", gamma=2.0, normalize=True, min_weight=0.3, max_weight=3.0,
         ema_decay=0.9995, warmup_steps=2500, weight_by="mode"))
@@ -85,9 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.initial_lr = c.train.base_lr = c.train.final_lr = 2e-4
         c.train.initial_ema_decay = 0.9995
         c.checkpoint.every_steps = 12_500
-    elif variant == "tiny":
+    elif variant in ("tiny", "tiny_gm"):
+        gm = dict(head="gm", gm_components=4, gm_logstd_inner=32) if variant == "tiny_gm" else {}
         c.model = _model("tiny", in_channels=4, input_size=4, hidden_size=(32, 48), depth=(1, 1), num_heads=(2, 2),
-                         num_modes=8, use_y_conditioning=False)
+                         num_modes=8, use_y_conditioning=False, **gm)
         c.data.kind = "synthetic"
         c.data.synthetic_size = 64
         c.data.synthetic_cls_dim = 4
@@ -99,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.initial_phase_steps, c.train.decay_start_steps, c.train.decay_end_steps = 2, 3, 8
         c.train.initial_lr, c.train.base_lr, c.train.final_lr = 1e-3, 5e-4, 1e-4
         c.train.compute_dtype = "float32"
+        c.train.compiler_options = "xla_backend_optimization_level=0"  # halves CPU compile time of the tests
         c.train.max_consecutive_nonfinite = 3
         c.train.peak_tflops_per_device = 1.0
         c.adaptive.enabled = False
@@ -109,5 +119,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every = 2
     else:
         raise ValueError(f"configs/train.py: unknown variant {variant!r} "
-                         "(tiny, xl_mode, xl_uncond_gmm, xl_gaussian, s_guide_mode, s_guide_uncond)")
+                         "(tiny, tiny_gm, xl_mode, xl_uncond_gmm, xl_gaussian, s_guide_mode, s_guide_uncond)")
     return c

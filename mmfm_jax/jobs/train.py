@@ -24,6 +24,7 @@ import numpy as np
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, validate_base
 from mmfm_jax.data import latents as latents_lib
+from mmfm_jax.flow.gmflow import validate_gm_source
 from mmfm_jax.flow.time import TIME_KINDS, resolution_shift
 from mmfm_jax.gmm.source import ModeSource, load_source, shard_source
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
@@ -31,7 +32,7 @@ from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from mmfm_jax.train.optim import optimizer_from_config
 from mmfm_jax.train.state import param_count, state_initializer
-from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
+from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, parse_compiler_options, put_batch
 from mmfm_jax.utils import progress
 
 DEFAULT_CONFIG = "train.py:tiny"
@@ -39,7 +40,8 @@ log = logging.getLogger("mmfm_jax.train")
 _COMPILED: dict[Any, Any] = {}
 # the config.train fields the compiled init/step depend on (beyond the model and step configs)
 _PROGRAM_KEYS = ("initial_lr", "base_lr", "final_lr", "initial_phase_steps", "decay_start_steps", "decay_end_steps",
-                 "schedule", "b1", "b2", "eps", "weight_decay", "clip_grad", "initial_ema_decay", "ema_decay")
+                 "schedule", "b1", "b2", "eps", "weight_decay", "clip_grad", "initial_ema_decay", "ema_decay",
+                 "compiler_options")
 
 
 class NonFiniteError(RuntimeError):
@@ -81,6 +83,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg, "train.time_shift", lambda v: v >= 0, "must be >= 0 (0 = resolution shift)")
     check(cfg, "train.max_consecutive_nonfinite", lambda v: v >= 1, "must be >= 1")
     check(cfg, "train.peak_tflops_per_device", lambda v: v > 0, "must be > 0")
+    check(cfg, "train.compiler_options", lambda v: parse_compiler_options(v) is not None,
+          "must be 'name=value,...' (XLA options for jax.jit)")
     for k in ("initial_lr", "base_lr", "final_lr"):
         check(cfg, f"train.{k}", lambda v: v >= 0, "must be >= 0")
     check_choice(cfg, "adaptive.weight_by", ("mode", "label"))
@@ -89,7 +93,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "weighting by mode needs a GMM source (set adaptive.enabled=False or weight_by='label')")
     check(cfg, "checkpoint.every_steps", lambda v: v > 0, "must be > 0")
     check(cfg, "checkpoint.keep", lambda v: v > 0, "must be > 0")
-    del mcfg
+    if mcfg.head == "gm":
+        check(cfg, "train.gm_weight_scale", lambda v: v > 0, "must be > 0")
+        validate_gm_train(cfg.source.kind, cfg.source.y_from, cfg.train.gm_trans_ratio)
+
+
+def validate_gm_train(source_kind: str, y_from: str, trans_ratio: float) -> None:
+    """GMFlow training (``model.head='gm'``): ``gmflow.validate_gm_source`` with this job's keys (the source is
+    mode-conditional when the model sees the mode: ``source.y_from='mode'``). Raises ``ConfigError``."""
+    try:
+        validate_gm_source("gaussian" if source_kind == "gaussian" else "gmm", y_from == "mode",
+                           trans_ratio=trans_ratio, prefix="train")
+    except ConfigError as e:
+        msg = str(e).replace("config.train.trans_ratio", "config.train.gm_trans_ratio").replace(
+            "config.source.mode_conditional = False", f"config.source.y_from = {y_from!r}, not 'mode'")
+        raise ConfigError(msg) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,7 +137,9 @@ def step_config(cfg: ml_collections.ConfigDict, latent_shape: tuple[int, int], n
                       assignment=cfg.source.assignment, temperature=cfg.source.temperature, y_from=cfg.source.y_from,
                       weight_by=cfg.adaptive.weight_by, time_kind=t.time_kind, time_mean=t.time_mean,
                       time_std=t.time_std, t_max=t.t_max, shift=float(shift), shard_source=cfg.source.shard_table,
-                      adaptive=adaptive_from_config(cfg.adaptive, num_modes))
+                      adaptive=adaptive_from_config(cfg.adaptive, num_modes), head=cfg.model.get("head", "velocity"),
+                      gm_trans_ratio=float(t.get("gm_trans_ratio", 0.5)),
+                      gm_weight_scale=float(t.get("gm_weight_scale", 2.0)))
 
 
 def _check_shapes(ds, mcfg: DiTDHConfig, source: ModeSource | None, cfg) -> None:
@@ -164,10 +184,12 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
         return DiTDH(mcfg, rngs)
 
     kmodes = scfg.adaptive.num_modes
+    copts = parse_compiler_options(t.compiler_options)
     key = (mcfg, scfg, tuple(t[k] for k in _PROGRAM_KEYS), mesh, tuple(sorted(rules.items())), cfg.seed, kmodes)
     if key not in _COMPILED:  # reuse compiled init/step across runs in one process (demo, tests)
-        init, shardings, mdef = state_initializer(make_model, tx, mesh, cfg.seed, kmodes, rules)
-        _COMPILED[key] = (init, shardings, mdef, make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings))
+        init, shardings, mdef = state_initializer(make_model, tx, mesh, cfg.seed, kmodes, rules, copts)
+        _COMPILED[key] = (init, shardings, mdef,
+                          make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings, copts))
         while len(_COMPILED) > 4:
             _COMPILED.pop(next(iter(_COMPILED)))
     init, shardings, mdef, step_fn = _COMPILED[key]

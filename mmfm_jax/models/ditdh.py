@@ -9,6 +9,13 @@ Conventions: input/output tokens-last ``[B, L, C_in]`` with ``L = H*W`` row-majo
 ``[B, C, H, W]``: convert only at the edges); ``t`` in [0, 1] with t = 0 data, t = 1 source; the output is the
 velocity ``x_source - x_data`` in fp32. Parameters are fp32; ``config.dtype`` is the matmul compute dtype; the
 residual stream stays fp32 (as under torch autocast).
+
+``head='gm'`` (GMFlow, ``docs/gmflow.md``): the final linear layer emits ``p^2 K (C_in + 1)`` channels per token
+(xavier-uniform, zero bias: GMFlow's ``proj_out_2``; the velocity head keeps its zero init), unpatchified to
+``K (C_in + 1)`` per latent pixel and split by ``models.gm_head.GMHead.split`` into K velocity means and K logits;
+the shared log-std per sample comes from GMHead's MLP on the stop-gradient conditioning ``t_emb [+ mode_emb]``
+(zero-initialised last layer: s = 1 at init). The model then returns the velocity GM
+``flow.gm_ops.GM(means [B, L, K, C_in], logweights [B, L, K], logstds [B, 1, 1, 1])`` in fp32.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmfm_jax.flow.gm_ops import GM
+from mmfm_jax.models.gm_head import GMHead
 from mmfm_jax.models.layers import (
     REMAT_POLICIES,
     Attention,
@@ -54,7 +63,10 @@ class DiTDHConfig:
 
     Measured on one H100 (XL, bf16, B=64, fwd+bwd, cuDNN attention, no remat): unrolled 162 ms (383 TFLOP/s),
     scanned 210 ms (the scan's stacked residuals cost ~30%); forward alone 50-54 ms (~410 TFLOP/s). The XLA
-    attention path materialises fp32 logits and runs out of memory at B=64 without remat."""
+    attention path materialises fp32 logits and runs out of memory at B=64 without remat.
+
+    ``head``: ``'velocity'`` (the official model) or ``'gm'`` (GMFlow's Gaussian-mixture head: ``gm_components``
+    K components per latent pixel, log-std MLP of width ``gm_logstd_inner``, or a fixed ``gm_constant_logstd``)."""
 
     in_channels: int = 768
     input_size: int = 16
@@ -75,6 +87,9 @@ class DiTDHConfig:
     attn_impl: str = "auto"
     head: str = "velocity"
     time_embed_size: int = 256
+    gm_components: int = 8
+    gm_logstd_inner: int = 1024
+    gm_constant_logstd: float | None = None
 
     def __post_init__(self):
         for f in ("hidden_size", "depth", "num_heads"):
@@ -110,8 +125,13 @@ class DiTDHConfig:
             bad("remat", f"must be one of {sorted(REMAT_POLICIES)}")
         if self.attn_impl not in ("auto", "xla", "cudnn"):
             bad("attn_impl", "must be 'auto', 'xla' or 'cudnn'")
-        if self.head != "velocity":
-            bad("head", "only 'velocity' is implemented")
+        if self.head not in HEADS:
+            bad("head", f"must be one of {HEADS}")
+        if self.head == "gm":
+            if self.gm_components < 1:
+                bad("gm_components", "must be >= 1")
+            if self.gm_constant_logstd is None and self.gm_logstd_inner < 1:
+                bad("gm_logstd_inner", "must be >= 1")
 
     @property
     def grid(self) -> int:
@@ -127,7 +147,16 @@ class DiTDHConfig:
         """Channels per token seen by the embedders (``in_channels * p * p``)."""
         return self.in_channels * self.patch_size ** 2
 
+    @property
+    def out_token_channels(self) -> int:
+        """Channels per token of the final linear layer: ``token_channels`` (velocity) or
+        ``p^2 K (in_channels + 1)`` (GM head: K means of C channels and K logits per latent pixel)."""
+        if self.head == "gm":
+            return self.patch_size ** 2 * self.gm_components * (self.in_channels + 1)
+        return self.token_channels
 
+
+HEADS = ("velocity", "gm")
 _XL = dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16))
 PRESETS: dict[str, dict[str, Any]] = {
     "XL": dict(_XL),
@@ -184,13 +213,13 @@ class DDTBlock(nnx.Module):
 class FinalLayer(nnx.Module):
     """``linear(norm(x) * (1 + scale) + shift)`` with ``(shift, scale) = Linear(SiLU(c))`` per token (no gate)."""
 
-    def __init__(self, dim: int, out: int, cfg: DiTDHConfig, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, out: int, cfg: DiTDHConfig, *, rngs: nnx.Rngs, kernel_init: Any = zeros):
         dt = dtype_from_name(cfg.dtype)
         self.norm = RMSNorm(dim) if cfg.use_rmsnorm else LayerNormNoAffine(dim)
         self.adaLN = Dense(dim, 2 * dim, names=("embed", "mlp"), kernel_init=zeros, bias_init=zeros, dtype=dt,
                            rngs=rngs)
-        self.linear = Dense(dim, out, names=("embed", "channels"), kernel_init=zeros, bias_init=zeros, dtype=dt,
-                            rngs=rngs)
+        self.linear = Dense(dim, out, names=("embed", "channels"), kernel_init=kernel_init, bias_init=zeros,
+                            dtype=dt, rngs=rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN(jax.nn.silu(c)), 2, axis=-1)
@@ -202,7 +231,8 @@ def _block_fn(block: DDTBlock, x: jax.Array, c: jax.Array, cos: jax.Array | None
 
 
 class DiTDH(nnx.Module):
-    """``DiTDH(config, rngs)(x [B, L, C_in], t [B], y [B] int or None) -> velocity [B, L, C_in]`` (fp32).
+    """``DiTDH(config, rngs)(x [B, L, C_in], t [B], y [B] int or None) -> velocity [B, L, C_in]`` (fp32), or with
+    ``head='gm'`` the velocity GM ``GM(means [B, L, K, C_in], logweights [B, L, K], logstds [B, 1, 1, 1])`` (fp32).
 
     Initialised as the official model for training from scratch: patch embedders xavier-uniform / zero bias, mode
     table N(0, 0.02), t-MLP weights N(0, 0.02), adaLN and final linear zero, the rest PyTorch defaults.
@@ -234,7 +264,14 @@ class DiTDH(nnx.Module):
         else:
             self.blocks = nnx.List([DDTBlock(ds, cfg.num_heads[0], cfg, rngs=rngs) for _ in range(cfg.depth[0])])
         self.head_blocks = nnx.List([DDTBlock(dh, cfg.num_heads[1], cfg, rngs=rngs) for _ in range(cfg.depth[1])])
-        self.final_layer = FinalLayer(dh, cin, cfg, rngs=rngs)
+        if cfg.head == "gm":
+            self.final_layer = FinalLayer(dh, cfg.out_token_channels, cfg, rngs=rngs, kernel_init=xavier_uniform())
+            self.gm_head = GMHead(dh, cfg.in_channels, cfg.gm_components, ds, rngs=rngs,
+                                  constant_logstd=cfg.gm_constant_logstd, logstd_inner_dim=cfg.gm_logstd_inner,
+                                  project=False)
+        else:
+            self.final_layer = FinalLayer(dh, cin, cfg, rngs=rngs)
+            self.gm_head = None
 
     # -- tokens <-> patches (identity for patch_size 1) --------------------------------------------------------
 
@@ -271,7 +308,7 @@ class DiTDH(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         return jax.lax.scan(body, s, stacked)[0]
 
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array | GM:
         cfg = self.config
         expect = (cfg.input_size ** 2, cfg.in_channels)
         if x.ndim != 3 or tuple(x.shape[1:]) != expect:
@@ -282,9 +319,10 @@ class DiTDH(nnx.Module):
         if cfg.use_y_conditioning:
             if y is None:
                 raise ValueError("DiTDH: y is required when use_y_conditioning=True")
-            c = jax.nn.silu(t_emb + jnp.take(self.y_embedder[...], y.astype(jnp.int32), axis=0))
+            cond = t_emb + jnp.take(self.y_embedder[...], y.astype(jnp.int32), axis=0)
         else:
-            c = jax.nn.silu(t_emb)
+            cond = t_emb
+        c = jax.nn.silu(cond)
 
         s = self.s_embedder(x).astype(jnp.float32)
         if self.pos_embed is not None:
@@ -304,8 +342,10 @@ class DiTDH(nnx.Module):
         cos, sin = self._rope(dh // cfg.num_heads[1])
         for blk in self.head_blocks:
             h = fn(blk, h, s, cos, sin)
-        out = self.final_layer(h, s).astype(jnp.float32)
-        return self._unpatchify(out)
+        out = self._unpatchify(self.final_layer(h, s).astype(jnp.float32))
+        if self.gm_head is not None:
+            return self.gm_head.split(out, cond)  # the log-std MLP applies SiLU to stop_gradient(cond) itself
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -340,6 +380,8 @@ def ditdh_flops_per_example(config: DiTDHConfig) -> float:
     macs = config.depth[0] * block(ds, False) + config.depth[1] * block(dh, True)
     macs += n * cin * (ds + dh)  # s/x embedders
     macs += n * ds * dh if ds != dh else 0  # s_projector
-    macs += n * (dh * 2 * dh + dh * cin)  # final adaLN + linear
+    macs += n * (dh * 2 * dh + dh * config.out_token_channels)  # final adaLN + linear (wider for the GM head)
     macs += 2 * config.time_embed_size * ds + ds * ds  # time MLP
+    if config.head == "gm" and config.gm_constant_logstd is None:
+        macs += ds * config.gm_logstd_inner + config.gm_logstd_inner  # GM log-std MLP (per example)
     return float(2 * macs)

@@ -12,6 +12,12 @@ One ``jax.jit`` over the mesh with the state donated. For global batch ``G`` and
 - time: shifted logit-normal (``flow/time.py``), x_t = (1 - t) x_data + t z0, target z0 - x_data, fp32 loss;
 - adaptive per-mode weights from global statistics, updated once per micro-batch (``train/adaptive.py``);
 - clip + AdamW (``train/optim.py``), EMA with the schedule indexed by the number of applied updates;
+- ``head='gm'`` (GMFlow): the model returns the velocity GM at ``x_high = x_t``; the loss is the transition NLL
+  (``flow.gmflow.transition_nll``, fp32) with lambda = ``gm_trans_ratio`` and ``gm_weight_scale``; x_low is drawn
+  from the Gaussian bridge with the example's key stream 3; the bridge uses the coupled mode's Gaussian
+  N(mean_k, var_k) when the model sees k (``y_from='mode'``), else N(0, I) (the GMM-unconditional case is only
+  valid with lambda = 1, where the source drops out: ``gmflow.validate_gm_source``). The adaptive statistics use
+  the per-sample squared error of the GM mean velocity (the NLL can be negative);
 - a non-finite loss or gradient norm skips the update: params, EMA, optimizer and adaptive state are kept, the
   step counter advances (the next batch is used next) and ``skipped`` / ``nonfinite_streak`` count it.
 """
@@ -28,14 +34,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfm_jax import parallel
+from mmfm_jax.flow import gm_ops, gmflow
 from mmfm_jax.flow.loss import fm_loss_per_sample, interpolate
 from mmfm_jax.flow.time import sample_time_per_example
-from mmfm_jax.gmm.source import sample_source
+from mmfm_jax.gmm.source import ModeSource, _draw, sample_source
 from mmfm_jax.train import adaptive as adaptive_lib
 from mmfm_jax.train.optim import ema_update
 from mmfm_jax.train.state import ModelDef, TrainState
 
 TIME_STREAM = 2
+BRIDGE_STREAM = 3  # GM head: the bridge noise of x_low
+HEADS = ("velocity", "gm")
 SOURCE_KINDS = ("gaussian", "gmm_indep", "gmm_mode")
 Y_FROM = ("none", "mode", "label")
 
@@ -55,6 +64,9 @@ class StepConfig:
     shift: float = 1.0
     shard_source: bool = True  # K-sharded gather when the table is sharded over > 1 device
     adaptive: adaptive_lib.AdaptiveConfig = adaptive_lib.AdaptiveConfig(enabled=False)
+    head: str = "velocity"  # the model's output: 'velocity' (FM MSE) or 'gm' (GMFlow transition NLL)
+    gm_trans_ratio: float = 0.5  # GMFlow's lambda (t_low = t_high (1 - lambda)); 1 = the plain u-NLL
+    gm_weight_scale: float = 2.0
 
     def __post_init__(self):
         if self.source_kind not in SOURCE_KINDS:
@@ -67,6 +79,32 @@ class StepConfig:
             raise ValueError("adaptive weighting by mode needs a GMM source")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "gm":
+            gmflow.validate_gm_source("gaussian" if self.source_kind == "gaussian" else "gmm",
+                                      self.y_from == "mode", trans_ratio=self.gm_trans_ratio, prefix="train")
+
+
+def mode_gaussian(source: ModeSource, k: jax.Array, mesh: Mesh | None = None) -> gm_ops.GaussianSource:
+    """The per-example source Gaussian of the drawn modes, for the GMFlow closed forms: ``mean`` [B, L, C] (the
+    table row, gathered like a draw with zero variance, so K-sharded tables stay sharded) and ``std`` [B, 1, 1]
+    (scalar variance per mode) or [B, L, C] (per dimension). fp32."""
+    zero = ModeSource(source.gmm, source.means, jnp.zeros_like(source.variances))
+    keys = jnp.zeros(k.shape + (2,), jnp.uint32)  # raw keys: eps is multiplied by a zero std
+    mean = _draw(zero, k, keys, mesh, jnp.float32)
+    std = jnp.sqrt(jnp.take(jnp.asarray(source.variances, jnp.float32), k, axis=0))
+    return gm_ops.GaussianSource(mean, std.reshape(std.shape + (1,) * (mean.ndim - std.ndim)))
+
+
+def gm_loss_terms(out: gm_ops.GM, x_data: jax.Array, z0: jax.Array, t: jax.Array, noise: jax.Array,
+                  cfg: StepConfig, source: gm_ops.GaussianSource | None) -> tuple[jax.Array, jax.Array]:
+    """GM head: ``(transition NLL [B], squared error of the GM mean velocity [B])`` (fp32) for the u-GM ``out``
+    predicted at ``x_t = interpolate(x_data, z0, t)`` (``t`` already clipped by ``gmflow.transition_times``)."""
+    batch = gmflow.transition_inputs(x_data, z0, t, noise, cfg.gm_trans_ratio, source)
+    nll = gmflow.transition_nll(out, batch, source, cfg.gm_weight_scale)
+    mse = fm_loss_per_sample(jax.lax.stop_gradient(gm_ops.gm_mean(out)), x_data, z0)
+    return nll, mse
 
 
 def _batch_spec(mesh: Mesh, ndim: int, lead: int = 0) -> NamedSharding:
@@ -88,7 +126,8 @@ def check_batch_geometry(global_batch: int, grad_accum_steps: int, mesh: Mesh) -
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
                     ema_fn: Callable[[jax.Array], jax.Array], cfg: StepConfig, mesh: Mesh,
-                    shardings: TrainState) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
+                    shardings: TrainState, compiler_options: dict[str, Any] | None = None
+                    ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
     """``step(state, batch, source) -> (state, metrics)``, jitted with the state donated.
 
     ``batch``: global arrays split on the batch: ``latent`` [G, L, C] (any float dtype), plus ``cls`` [G, D] fp32
@@ -99,6 +138,8 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: opt
     psh = shardings.params
     repl = NamedSharding(mesh, PartitionSpec())
     f32 = jnp.float32
+    gm = cfg.head == "gm"
+    gm_mode_src = gm and cfg.y_from == "mode" and cfg.source_kind != "gaussian"
 
     def step_fn(state: TrainState, batch: dict, source: Any) -> tuple[TrainState, dict]:
         x = batch["latent"]
@@ -129,17 +170,25 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: opt
             wkey = mb["label"] if cfg.weight_by == "label" and "label" in mb else k
             w = adaptive_lib.sample_weights(ad, cfg.adaptive, wkey)
             y = k if cfg.y_from == "mode" else mb["label"] if cfg.y_from == "label" else None
+            if gm:
+                t = gmflow.transition_times(t, cfg.gm_trans_ratio)[1]  # clip as GMFlow (no-op for t in (0, 1])
+                noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, BRIDGE_STREAM), x1.shape[1:],
+                                                              f32))(mb["keys"])
+                src = mode_gaussian(source, k, mesh if cfg.shard_source else None) if gm_mode_src else None
             xt = interpolate(x1, z0, t)
 
             def loss_fn(p):
-                v = mdef.merge(p, state.buffers)(xt, t, y)
-                per = fm_loss_per_sample(v, x1, z0)
-                return jnp.mean(per * w) / A, per
+                out = mdef.merge(p, state.buffers)(xt, t, y)
+                if gm:
+                    per, stat = gm_loss_terms(out, x1, z0, t, noise, cfg, src)
+                else:
+                    per = stat = fm_loss_per_sample(out, x1, z0)
+                return jnp.mean(per * w) / A, (per, stat)
 
-            (loss, per), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, (per, stat)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             g = jax.lax.with_sharding_constraint(g, psh)
             gacc = jax.tree.map(lambda a, b: a + b.astype(f32), gacc, g)
-            ad = adaptive_lib.update(ad, cfg.adaptive, wkey, per)
+            ad = adaptive_lib.update(ad, cfg.adaptive, wkey, stat)
             return (gacc, ad, loss_acc + loss, raw_acc + jnp.mean(per) / A, t_acc + jnp.mean(t) / A), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
@@ -170,7 +219,21 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: opt
                        nonfinite_streak=new_state.nonfinite_streak.astype(f32))
         return new_state, metrics
 
-    return jax.jit(step_fn, out_shardings=(shardings, repl), donate_argnums=(0,))
+    return jax.jit(step_fn, out_shardings=(shardings, repl), donate_argnums=(0,),
+                   compiler_options=compiler_options or None)
+
+
+def parse_compiler_options(spec: str) -> dict[str, Any]:
+    """``'xla_backend_optimization_level=0,xla_foo=true'`` -> dict for ``jax.jit(compiler_options=...)``."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"compiler option {item!r}: expected name=value")
+        low = v.strip().lower()
+        out[k.strip()] = True if low == "true" else False if low == "false" else int(v) if v.strip().lstrip(
+            "-").isdigit() else v.strip()
+    return out
 
 
 def batch_keys(cfg: StepConfig) -> tuple[str, ...]:
