@@ -6,6 +6,11 @@ Variants:
   from converted official artifacts (``artifacts/`` as downloaded from the release), and
   ``imagenet_mode`` without guidance;
 - ``tiny`` (tests): a training workdir's tiny model, a tiny random decoder.
+
+GMFlow (a model trained with ``model.head='gm'``): ``sampler.solver`` 'gm_ode' | 'gm_sde' ('euler' uses the GM's
+mean velocity), ``sampler.gm_substeps`` (GM-ODE substeps per evaluation; 0 = max(2, ceil(128 / NFE))),
+``sampler.gm_order`` (1 | 2); with a guide the guidance is probabilistic AutoGuidance, ``guide.scale`` in [0, 1).
+``guide.scales = (w1, w2, ...)``: a guidance sweep in one compiled program, one output folder per scale.
 """
 
 import ml_collections
@@ -22,9 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.model = _model()
     c.guide = _model()
-    c.guide.update(dict(enabled=False, scale=1.5, t_min=0.0, t_max=1.0))
+    c.guide.update(dict(enabled=False, scale=1.5, scales=(), t_min=0.0, t_max=1.0))
     c.source = ml_collections.ConfigDict(dict(kind="gmm", path="", shard_table=True))
-    c.sampler = ml_collections.ConfigDict(dict(num_points=50, shift=0.0, t_end=0.999, dtype="bfloat16"))
+    c.sampler = ml_collections.ConfigDict(dict(num_points=50, shift=0.0, t_end=0.999, dtype="bfloat16",
+                                               solver="euler", gm_substeps=0, gm_order=2))
     c.decoder = ml_collections.ConfigDict(dict(enabled=True, preset="XL", weights="", prefix="", random_init=False,
                                                stats="", use_mean=True, overrides=ml_collections.ConfigDict({})))
     c.num_samples = 50_000

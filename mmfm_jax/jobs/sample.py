@@ -1,4 +1,5 @@
-"""``python -m mmfm_jax sample``: source draws -> Euler ODE (+ AutoGuidance) -> RAE decoder -> uint8 image shards.
+"""``python -m mmfm_jax sample``: source draws -> Euler ODE (+ AutoGuidance) or GMFlow's GM-ODE / GM-SDE (+
+probabilistic AutoGuidance) -> RAE decoder -> uint8 image shards.
 
 Models come from a training run (``model.kind = 'train'``: the EMA parameters of an Orbax checkpoint, restored
 onto this job's mesh whatever device count wrote it) or from an official checkpoint (``'official'``: ``.pt`` with its
@@ -9,6 +10,22 @@ same images whatever the number of devices, processes or the batch size. Samplin
 the batch split over every device of every process. Output: ``WORKDIR/samples/images-XXXXX.npz`` (``arr_0``
 [n, H, W, 3] uint8, ``index``, ``mode``), written atomically; a restarted job skips finished shards. ``grid.png``
 shows the first images. ``merge_npz`` also writes one ADM-style ``samples.npz`` at the end.
+
+Solvers (``sampler.solver``): ``'euler'`` on the velocity (a GM model: its mean velocity), ``sampler.num_points``
+points, i.e. ``num_points - 1`` model evaluations down to ``t_end``; ``'gm_ode'`` / ``'gm_sde'`` (a GM model,
+``model.head='gm'`` in its training config): GMFlow's solvers (``flow/gmflow.py``) with the same number of model
+evaluations, ``num_points - 1``, on GMFlow's grid ending at t = 0 with the same shift, ``sampler.gm_substeps``
+GM-ODE substeps per evaluation (0: ``max(2, ceil(128 / NFE))`` as the paper; GM-SDE takes 1) and
+``sampler.gm_order`` (1 or 2). With the MM-FM GMM source the closed forms use the sampled mode's Gaussian when the
+model sees the mode; an unconditional model on a GMM source allows only first-order, one-substep GM-ODE
+(``gmflow.validate_gm_source``). GM-SDE noise uses the stream ``fold_in(key_i, 3)`` of sample i's key.
+
+Guidance (``guide.enabled``): a velocity model gets AutoGuidance ``v_g + w (v - v_g)`` (``guide.scale``, 1.5 in
+the paper, on ``[guide.t_min, guide.t_max]``); a GM model gets *probabilistic AutoGuidance*: GMFlow's probabilistic
+guidance with the guide model's mean as the "unconditional" mean, ``guide.scale`` w in [0, 1) (a velocity guide's
+velocity is its mean). ``guide.scales`` (a tuple of several scales) runs a guidance sweep as one compiled program
+(``jax.vmap`` over the scale; for a GM model ``gmflow.sample_sweep``): every scale sees the same sources and noise,
+and scale w is written to ``samples/scale_<w>/`` (``samples_scale_<w>.npz``, ``grid_scale_<w>.png``).
 """
 
 from __future__ import annotations
@@ -28,14 +45,19 @@ from flax import nnx
 
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
-from mmfm_jax.flow.samplers import euler_grid, euler_sample, guided_velocity_fn
+from mmfm_jax.flow import gmflow
+from mmfm_jax.flow.gm_ops import GM
+from mmfm_jax.flow.samplers import autoguidance, euler_grid, euler_sample, guided_velocity_fn
 from mmfm_jax.flow.time import resolution_shift
 from mmfm_jax.gmm.source import load_source, sample_prior, sample_source
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
+from mmfm_jax.train.step import mode_gaussian
 from mmfm_jax.utils import progress
 
 DEFAULT_CONFIG = "sample.py:tiny"
 log = logging.getLogger("mmfm_jax")
+SOLVERS = ("euler", "gm_ode", "gm_sde")
+SDE_STREAM = 3
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -55,6 +77,72 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg, "sampler.num_points", lambda v: int(v) >= 2, "must be >= 2 (N points = N - 1 model evaluations)")
     check_choice(cfg, "sampler.dtype", ("float32", "bfloat16"))
     check(cfg, "guide.t_min", lambda v: 0.0 <= v <= cfg.guide.t_max <= 1.0, "need 0 <= t_min <= t_max <= 1")
+    check_choice(cfg, "sampler.solver", SOLVERS)
+    check(cfg, "sampler.gm_substeps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = auto)")
+    check_choice(cfg, "sampler.gm_order", (1, 2))
+    check(cfg, "guide.scales", lambda v: len(v) == 0 or cfg.guide.enabled, "a guidance sweep needs guide.enabled")
+    check(cfg, "guide.scales", lambda v: len(set(float(a) for a in v)) == len(v), "must be distinct")
+    mcfg = peek_model_config(cfg.model)
+    if mcfg is not None:
+        validate_for_model(cfg, mcfg)
+
+
+def peek_model_config(spec: ml_collections.ConfigDict) -> DiTDHConfig | None:
+    """The model config of a training run (``kind='train'``: its ``config.json``) without loading weights; None
+    when it cannot be read yet (checked again after loading)."""
+    if spec.kind != "train" or not spec.workdir:
+        return None
+    path = Path(spec.workdir) / "config.json"
+    if not path.is_file():
+        return None
+    from mmfm_jax.jobs.train import model_config
+
+    return model_config(ml_collections.ConfigDict(json.loads(path.read_text())))
+
+
+def gm_substeps(cfg: ml_collections.ConfigDict) -> int:
+    """GM-ODE substeps per model evaluation (``sampler.gm_substeps``; 0: GMFlow's ``max(2, ceil(128 / NFE))``);
+    GM-SDE: 1."""
+    if cfg.sampler.solver == "gm_sde":
+        return 1
+    n = int(cfg.sampler.gm_substeps)
+    return n if n > 0 else max(2, math.ceil(128 / (int(cfg.sampler.num_points) - 1)))
+
+
+def guide_scales(cfg: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """The guidance scale(s): ``guide.scales`` when set (a sweep), else ``(guide.scale,)``."""
+    return tuple(float(w) for w in cfg.guide.scales) or (float(cfg.guide.scale),)
+
+
+def validate_for_model(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig) -> None:
+    """The checks that need the model's config (head, mode conditioning); raises ``ConfigError`` naming the key."""
+    gm = mcfg.head == "gm"
+    if cfg.sampler.solver != "euler" and not gm:
+        raise ConfigError(f"config.sampler.solver = {cfg.sampler.solver!r}: GMFlow's solvers need a GM model "
+                          "(model.head='gm' in its training config); this model predicts a velocity: use 'euler'")
+    if not gm:
+        return
+    if cfg.guide.enabled:
+        key = "guide.scales" if len(cfg.guide.scales) else "guide.scale"
+        check(cfg, key, lambda v: all(0.0 <= w < 1.0 for w in guide_scales(cfg)),
+              "probabilistic AutoGuidance (a GM model) needs scales in [0, 1)")
+        check(cfg, "guide.t_min", lambda v: v == 0.0 and cfg.guide.t_max == 1.0,
+              "probabilistic guidance is applied at every step: need t_min = 0 and t_max = 1")
+    solver = "sde" if cfg.sampler.solver == "gm_sde" else "ode"
+    substeps = gm_substeps(cfg) if cfg.sampler.solver != "euler" else 1
+    order = int(cfg.sampler.gm_order) if cfg.sampler.solver != "euler" else 1
+    try:
+        gmflow.validate_gm_source(cfg.source.kind, mcfg.use_y_conditioning, solver=solver, num_substeps=substeps,
+                                  order=order, prefix="sampler", source_prefix="source")
+    except ConfigError as e:
+        msg = str(e)
+        for a, b in (("config.sampler.num_substeps", "config.sampler.gm_substeps"),
+                     ("config.sampler.order", "config.sampler.gm_order"),
+                     ("config.sampler.solver = 'sde'", "config.sampler.solver = 'gm_sde'"),
+                     ("or solver 'ode'", "or solver 'gm_ode'"),
+                     ("config.source.mode_conditional = False", "the model does not see the mode")):
+            msg = msg.replace(a, b)
+        raise ConfigError(msg) from None
     if cfg.decoder.enabled:
         check(cfg, "decoder.weights", lambda v: bool(v) or cfg.decoder.random_init,
               "required: the RAE decoder (official model.pt, or .safetensors/.npz with its keys)")
@@ -153,15 +241,39 @@ def build_decoder(cfg: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def sample_grid(cfg: ml_collections.ConfigDict, event_shape: tuple[int, ...]) -> np.ndarray:
+    """The time grid: Euler's ``num_points`` points down to ``t_end``, or GMFlow's ``(num_points - 1) *
+    substeps + 1`` points down to 0; the shift is ``sampler.shift`` (0: the resolution shift)."""
+    shift = float(cfg.sampler.shift) or resolution_shift(math.prod(event_shape))
+    if cfg.sampler.solver == "euler":
+        return euler_grid(int(cfg.sampler.num_points), shift, float(cfg.sampler.t_end))
+    return gmflow.gm_grid(int(cfg.sampler.num_points) - 1, gm_substeps(cfg), shift)
+
+
+def _as_gm(out: jax.Array | GM) -> GM:
+    """A velocity model's output as a one-component GM (only its mean is used, by guidance)."""
+    if isinstance(out, GM):
+        return out
+    v = jnp.asarray(out, jnp.float32)
+    return GM(v[..., None, :], jnp.zeros(v.shape[:-1] + (1,), jnp.float32), jnp.zeros((v.shape[0],) + (1,) * v.ndim,
+                                                                                           jnp.float32))
+
+
 def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_shape):
-    """jit over the mesh: global sample indices [B] -> (uint8 images or latents, modes)."""
+    """jit over the mesh: global sample indices [B] -> (uint8 images or latents [B, ...], modes [B]); with a
+    guidance sweep (``guide.scales``) the first output is [B, S, ...], entry s for scale s."""
     g_main, _, mcfg_main, _ = main
-    grid = euler_grid(int(cfg.sampler.num_points), float(cfg.sampler.shift) or resolution_shift(
-        math.prod(event_shape)), float(cfg.sampler.t_end))
+    grid = sample_grid(cfg, event_shape)
     base = jax.random.PRNGKey(int(cfg.seed))
     table_sharded = source is not None and cfg.source.shard_table
     batch_sh = parallel.batch_sharding(mesh, 1)
     dec_graph = None if decoder is None else nnx.graphdef(decoder)
+    gm = mcfg_main.head == "gm"
+    sweep = len(cfg.guide.scales) > 0
+    scales = guide_scales(cfg)
+    solver = cfg.sampler.solver
+    gm_kw = dict(solver="sde" if solver == "gm_sde" else "ode", num_substeps=gm_substeps(cfg) if solver != "euler"
+                 else 1, order=int(cfg.sampler.gm_order) if solver != "euler" else 1)
 
     def fn(main_state, guide_state, src, dec_state, indices):
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
@@ -173,25 +285,49 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
         z0 = z0.astype(jnp.bfloat16 if cfg.sampler.dtype == "bfloat16" else jnp.float32)
         model = nnx.merge(g_main, main_state)
         y = k if mcfg_main.use_y_conditioning else None
-        vfn = lambda x, t: model(x, t, y)  # noqa: E731
+        main_fn = lambda x, t: model(x, t, y)  # noqa: E731
+        guide_fn = None
         if guide is not None:
             gmodel = nnx.merge(guide[0], guide_state)
             gy = k if guide[2].use_y_conditioning else None
-            vfn = guided_velocity_fn(vfn, lambda x, t: gmodel(x, t, gy), float(cfg.guide.scale),
-                                     float(cfg.guide.t_min), float(cfg.guide.t_max))
-        x = euler_sample(vfn, z0, grid)
+            guide_fn = lambda x, t: gmodel(x, t, gy)  # noqa: E731
+        gsrc = None
+        if gm and src is not None and mcfg_main.use_y_conditioning:
+            gsrc = mode_gaussian(src, k, mesh if table_sharded else None)
+        sde_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, SDE_STREAM))(keys)
+
+        def one(w):
+            if gm:
+                return gmflow.gm_sample(main_fn, z0, grid, guidance_scale=w, source=gsrc, keys=sde_keys,
+                                        guide_fn=None if guide_fn is None else (lambda x, t: _as_gm(guide_fn(x, t))),
+                                        **gm_kw)
+            if guide_fn is None:
+                return euler_sample(main_fn, z0, grid)
+            if not sweep:  # as before sweeps existed (a scale of 1 skips the guide)
+                return euler_sample(guided_velocity_fn(main_fn, guide_fn, float(w), float(cfg.guide.t_min),
+                                                       float(cfg.guide.t_max)), z0, grid)
+            return euler_sample(lambda x, t: autoguidance(main_fn(x, t), guide_fn(x, t), w, t,
+                                                          float(cfg.guide.t_min), float(cfg.guide.t_max)), z0, grid)
+
+        if sweep:
+            x = jnp.swapaxes(jax.vmap(one)(jnp.asarray(scales, jnp.float32)), 0, 1)  # [B, S, L, C]
+        else:
+            x = one(scales[0] if guide_fn is not None else 0.0)
         if dec_graph is None:
             return x, k
         from mmfm_jax.models.decoder import decode_latents, to_uint8
 
-        return to_uint8(decode_latents(nnx.merge(dec_graph, dec_state), x, var, mean)), k
+        flat = x.reshape((-1,) + x.shape[-2:])
+        imgs = to_uint8(decode_latents(nnx.merge(dec_graph, dec_state), flat, var, mean))
+        return imgs.reshape(x.shape[:-2] + imgs.shape[1:]), k
 
-    jitted = jax.jit(fn, out_shardings=(parallel.batch_sharding(mesh, 4 if decoder is not None else 3), batch_sh))
+    ndim = (4 if decoder is not None else 3) + int(sweep)
+    jitted = jax.jit(fn, out_shardings=(parallel.batch_sharding(mesh, ndim), batch_sh))
     return jitted, grid
 
 
-def _todo_shards(out: Path, n_shards: int) -> list[int]:
-    todo = [s for s in range(n_shards) if not (out / f"images-{s:05d}.npz").exists()]
+def _todo_shards(outs: list[Path], n_shards: int) -> list[int]:
+    todo = [s for s in range(n_shards) if not all((o / f"images-{s:05d}.npz").exists() for o in outs)]
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -208,6 +344,9 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     main = load_model(cfg.model, mesh, rules, cfg.sampler.dtype)
     guide = load_model(cfg.guide, mesh, rules, cfg.sampler.dtype) if cfg.guide.enabled else None
     mcfg = main[2]
+    validate_for_model(cfg, mcfg)
+    if guide is not None and mcfg.head == "velocity" and guide[2].head == "gm":
+        raise ConfigError("config.guide: a GM guide model needs a GM main model (or use a velocity guide)")
     if mcfg.patch_size != 1:
         raise ConfigError("config.model: only patch_size 1 (token latents) is supported by the sampler")
     event_shape = (mcfg.input_size ** 2, mcfg.in_channels)
@@ -244,13 +383,20 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     gb = -(-gb // mult) * mult
     n_shards = math.ceil(n / per_shard)
     out = ctx.path("samples")
+    sweep = len(cfg.guide.scales) > 0
+    scales = guide_scales(cfg)
+    tags = [f"scale_{w:g}" for w in scales] if sweep else []
+    outs = [out / tag for tag in tags] if sweep else [out]
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        for o in outs:
+            o.mkdir(parents=True, exist_ok=True)
     parallel.sync("sample_dir")
-    todo = _todo_shards(out, n_shards)
-    log.info("sample: %d samples in %d shards (%d to do), batch %d, %d-point grid (%d NFE%s), model %s%s",
-             n, n_shards, len(todo), gb, len(grid), len(grid) - 1, " x2 (AutoGuidance)" if guide else "", main[3],
-             f", guide {guide[3]} scale {cfg.guide.scale}" if guide else "")
+    todo = _todo_shards(outs, n_shards)
+    nfe = int(cfg.sampler.num_points) - 1
+    gname = "probabilistic AutoGuidance" if mcfg.head == "gm" else "AutoGuidance"
+    log.info("sample: %d samples in %d shards (%d to do), batch %d, %s, %d-point grid (%d NFE%s), model %s%s",
+             n, n_shards, len(todo), gb, cfg.sampler.solver, len(grid), nfe, f" x2 ({gname})" if guide else "",
+             main[3], f", guide {guide[3]} scale(s) {scales}" if guide else "")
     bar = progress(total=sum(min(per_shard, n - s * per_shard) for s in todo), desc="sample")
     for s in todo:
         lo, hi = s * per_shard, min((s + 1) * per_shard, n)
@@ -266,21 +412,30 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
             bar.update(take)
         if ctx.is_main:
             arr = np.concatenate(imgs)
-            tmp = out / f".images-{s:05d}.tmp.npz"
-            np.savez(tmp, arr_0=arr, index=np.arange(lo, hi), mode=np.concatenate(modes))
-            tmp.replace(out / f"images-{s:05d}.npz")
-            if s == 0 and cfg.output.png_grid and decoder is not None:
-                _write_grid(ctx.path("grid.png"), arr[:64])
+            for j, o in enumerate(outs):
+                a = arr[:, j] if sweep else arr
+                tmp = o / f".images-{s:05d}.tmp.npz"
+                np.savez(tmp, arr_0=a, index=np.arange(lo, hi), mode=np.concatenate(modes))
+                tmp.replace(o / f"images-{s:05d}.npz")
+                if s == 0 and cfg.output.png_grid and decoder is not None:
+                    _write_grid(ctx.path(f"grid_{tags[j]}.png" if sweep else "grid.png"), a[:64])
         parallel.sync(f"sample_shard_{s}")
     bar.close()
     summary = dict(num_samples=n, shards=n_shards, shards_written_now=len(todo), grid_points=len(grid),
-                   nfe_per_model=len(grid) - 1, model=main[3], guide=guide[3] if guide else None,
-                   guide_scale=float(cfg.guide.scale) if guide else None, source=cfg.source.kind,
-                   dtype=cfg.sampler.dtype, output=str(out), decoded=decoder is not None)
+                   nfe_per_model=nfe, solver=cfg.sampler.solver, model_head=mcfg.head, model=main[3],
+                   guide=guide[3] if guide else None, guide_scale=scales[0] if guide and not sweep else None,
+                   guide_scales=list(scales) if sweep else None, source=cfg.source.kind, dtype=cfg.sampler.dtype,
+                   output=str(out), outputs=[str(o) for o in outs] if sweep else None, decoded=decoder is not None)
+    if cfg.sampler.solver != "euler":
+        summary.update(gm_substeps=gm_substeps(cfg), gm_order=int(cfg.sampler.gm_order))
     if cfg.output.merge_npz and ctx.is_main and decoder is not None:
-        arrs = [np.load(out / f"images-{s:05d}.npz")["arr_0"] for s in range(n_shards)]
-        np.savez(ctx.path("samples.npz"), arr_0=np.concatenate(arrs))
-        summary["merged"] = str(ctx.path("samples.npz"))
+        merged = []
+        for j, o in enumerate(outs):
+            arrs = [np.load(o / f"images-{s:05d}.npz")["arr_0"] for s in range(n_shards)]
+            path = ctx.path(f"samples_{tags[j]}.npz" if sweep else "samples.npz")
+            np.savez(path, arr_0=np.concatenate(arrs))
+            merged.append(str(path))
+        summary["merged"] = merged if sweep else merged[0]
     return summary
 
 
