@@ -100,12 +100,15 @@ def _init_fn(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTra
 
 
 def state_initializer(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
-                      mesh: Mesh, seed: int, num_modes: int, rules: Any = None
+                      mesh: Mesh, seed: int, num_modes: int, rules: Any = None,
+                      compiler_options: dict[str, Any] | None = None
                       ) -> tuple[Callable[[], TrainState], TrainState, ModelDef]:
     """``(init, shardings, model_def)``: ``init()`` is jitted with ``out_shardings`` (reusable, compiled once)."""
     mdef = model_def(make_model)
     shardings = state_shardings(mesh, mdef, tx, num_modes, rules)
-    return jax.jit(_init_fn(make_model, tx, seed, num_modes), out_shardings=shardings), shardings, mdef
+    init = jax.jit(_init_fn(make_model, tx, seed, num_modes), out_shardings=shardings,
+                   compiler_options=compiler_options or None)
+    return init, shardings, mdef
 
 
 def create_train_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,

@@ -1,0 +1,208 @@
+"""The train job end to end (tiny DiTDH, GMM source with mode coupling, mode-conditional, adaptive weighting):
+SIGTERM + kill -9 + resume is bitwise an uninterrupted run; corrupt latest checkpoint; restore onto 1 and 2
+devices; 2 processes x 4 devices; non-finite stop."""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = f"{REPO}/configs/train.py:tiny"
+K = 8
+
+
+def overrides(source: str, num_steps: int = 6, **extra) -> dict:
+    """The config of these tests: tiny DiTDH on synthetic latents, GMM source + mode coupling, model sees k."""
+    o = {"model.use_y_conditioning": True, "model.num_modes": K, "source.kind": "gmm_mode", "source.path": source,
+         "source.y_from": "mode", "adaptive.enabled": True, "train.num_steps": num_steps, "mesh.fsdp": 2}
+    o.update(extra)
+    return o
+
+
+def _make_source(path: Path) -> None:
+    import jax.numpy as jnp
+
+    from mmfm_jax.gmm.diag import DiagGMM
+    from mmfm_jax.gmm.source import ModeSource, save_source
+
+    r = np.random.default_rng(0)
+    gmm = DiagGMM(jnp.full((K,), 1.0 / K, jnp.float32), jnp.asarray(r.normal(size=(K, 4)), jnp.float32),
+                  jnp.ones((K, 4), jnp.float32))
+    save_source(path, ModeSource(gmm, jnp.asarray(r.normal(size=(K, 16, 4)), jnp.float32),
+                                 jnp.full((K,), 0.5, jnp.float32)))
+
+
+def _cfg(source, **kw):
+    from mmfm_jax.config_utils import load_config
+
+    return load_config(CONFIG, overrides(str(source), **kw))
+
+
+def _state(workdir: Path, cfg, step=None):
+    """The saved train state of ``workdir`` (newest or ``step``), restored onto one device, as numpy."""
+    import jax
+
+    from mmfm_jax import parallel
+    from mmfm_jax.jobs.train import model_config
+    from mmfm_jax.models.ditdh import DiTDH
+    from mmfm_jax.train.checkpoint import Checkpointer
+    from mmfm_jax.train.optim import optimizer_from_config
+    from mmfm_jax.train.state import abstract_train_state
+
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    tx, _, _ = optimizer_from_config(cfg.train)
+    mcfg = model_config(cfg)
+    target, _, _ = abstract_train_state(lambda r: DiTDH(mcfg, r), tx, mesh, cfg.seed, K)
+    ck = Checkpointer(workdir / "checkpoints")
+    r = ck.restore(target) if step is None else ck._restore_step(step, target, None, False)[0]
+    state = r.state if step is None else r
+    return jax.device_get(state)
+
+
+def _assert_same(a, b, exact=True, rtol=1e-5):
+    import jax
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        if exact:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-6)
+
+
+_BASE: dict = {}
+
+
+def _baseline(tmp_path_factory):
+    """Uninterrupted 6-step run on 8 devices (data 4 x fsdp 2), in this process; shared by the tests."""
+    if not _BASE:
+        from mmfm_jax.cli import run_job
+
+        root = tmp_path_factory.mktemp("train_job")
+        _make_source(root / "source")
+        summary = run_job("train", _cfg(root / "source"), root / "base")
+        _BASE.update(root=root, source=root / "source", workdir=root / "base", summary=summary)
+    return _BASE
+
+
+def _env(root: Path, devices: int = 8) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), MMFM_NO_PROGRESS="1",
+                JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _cli(workdir: Path, source: Path, extra: dict) -> list[str]:
+    flags = [f"--config.{k}={v}" for k, v in overrides(str(source), **extra).items()]
+    return [sys.executable, "-m", "mmfm_jax", "train", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
+
+
+def _start_and_wait_for_hang(cmd, env, log: Path, step: int) -> subprocess.Popen:
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    watchdog = threading.Timer(240, p.kill)
+    watchdog.start()
+    for line in p.stdout:
+        if f"DEBUG: hanging at step {step}" in line:
+            break
+    watchdog.cancel()
+    assert p.poll() is None, f"train subprocess exited early:\n{log.read_text()[-3000:]}"
+    return p
+
+
+def test_sigterm_kill9_resume_is_bitwise(tmp_path_factory):
+    from mmfm_jax.cli import run_job
+
+    base = _baseline(tmp_path_factory)
+    assert base["summary"]["final_step"] == 6 and base["summary"]["checkpoints"] == [4, 6]
+    assert base["summary"]["source"] == "gmm_mode" and base["summary"]["y_from"] == "mode"
+    root, wd = base["root"], base["root"] / "killed"
+    # 1) fresh run; a real SIGTERM at step 3 -> checkpoint 3 at the step boundary, clean return
+    s1 = run_job("train", _cfg(base["source"], **{"debug.sigterm_at_step": 3}), wd)
+    assert s1["preempted"] and s1["final_step"] == 3 and s1["checkpoints"] == [2, 3]
+    # 2) another process resumes from 3 and is killed (SIGKILL) while at step 5 (step 4 saved, 5 not)
+    p = _start_and_wait_for_hang(_cli(wd, base["source"], {"debug.hang_at_step": 5}), _env(root),
+                                 root / "p2.log", 5)
+    p.kill()
+    p.wait(timeout=60)
+    assert sorted(int(d.name) for d in (wd / "checkpoints").iterdir() if d.name.isdigit()) == [3, 4]
+    # 3) resume from 4 to the end: bitwise the uninterrupted run (params, EMA, optimizer, adaptive, counters)
+    s3 = run_job("train", _cfg(base["source"]), wd)
+    assert s3["resumed_from"] == 4 and s3["final_step"] == 6 and s3["fallback_from"] is None
+    cfg = _cfg(base["source"])
+    _assert_same(_state(wd, cfg), _state(base["workdir"], cfg), exact=True)
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path_factory):
+    from mmfm_jax.cli import run_job
+
+    base = _baseline(tmp_path_factory)
+    wd = base["root"] / "corrupt"
+    shutil.copytree(base["workdir"], wd)
+    data = sorted((wd / "checkpoints" / "6" / "state" / "d").iterdir(), key=lambda p: -p.stat().st_size)[0]
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 3)
+    s = run_job("train", _cfg(base["source"]), wd)
+    assert s["resumed_from"] == 4 and s["fallback_from"] == 6 and s["final_step"] == 6
+    assert any((wd / "checkpoints_corrupt").iterdir())
+    cfg = _cfg(base["source"])
+    _assert_same(_state(wd, cfg), _state(base["workdir"], cfg), exact=True)
+
+
+def test_nonfinite_steps_stop_the_run(tmp_path_factory):
+    import pytest
+
+    from mmfm_jax.cli import run_job
+    from mmfm_jax.jobs.train import NonFiniteError
+
+    base = _baseline(tmp_path_factory)
+    cfg = _cfg(base["source"], **{"data.synthetic_nan": True})
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
+        run_job("train", cfg, base["root"] / "nan")
+    st = _state(base["root"] / "nan", cfg, step=2)
+    assert int(st.skipped) == 2 and int(st.nonfinite_streak) == 2 and int(st.step) == 2
+    # nothing was updated: params equal the fresh initialisation (EMA too)
+    _assert_same(st.params, st.ema, exact=True)
+
+
+def test_restore_onto_1_and_2_devices(tmp_path_factory):
+    """Saved on 8 devices (data 4 x fsdp 2); the job restores onto 1 device and onto 2 (fsdp 2)."""
+    from mmfm_jax.cli import run_job
+
+    base = _baseline(tmp_path_factory)
+    ref = _state(base["workdir"], _cfg(base["source"]))
+    for n, fsdp in ((1, 1), (2, 2)):
+        wd = base["root"] / f"reshard{n}"
+        shutil.copytree(base["workdir"], wd)
+        cfg = _cfg(base["source"], **{"mesh.num_devices": n, "mesh.fsdp": fsdp})
+        s = run_job("train", cfg, wd)
+        assert s["resumed_from"] == 6 and s["final_step"] == 6 and s["mesh"] == {"data": n // fsdp, "fsdp": fsdp}
+        assert s["checkpoints"] == [4, 6]
+        _assert_same(_state(wd, cfg), ref, exact=True)
+
+
+def test_two_processes_four_devices_each(tmp_path_factory):
+    import portpicker
+
+    base = _baseline(tmp_path_factory)
+    root, wd = base["root"], base["root"] / "mp"
+    port = portpicker.pick_unused_port()
+    env = _env(root, devices=4)
+    env.pop("JAX_NUM_CPU_DEVICES")
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "mp_train_worker.py"), str(i), str(port), str(wd),
+                               str(base["source"])], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert "MP_OK" in outs[0]
+    assert sorted(f.name for f in (wd / "checkpoints" / "6" / "data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    cfg = _cfg(base["source"])
+    # same trajectory as the single-process 8-device run (same data order and draws; reductions may differ)
+    _assert_same(_state(wd, cfg), _state(base["workdir"], cfg), exact=False, rtol=1e-4)
+
+
