@@ -108,6 +108,20 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, damage):
     assert Checkpointer(tmp_path / "ck").all_steps() == [1, 2, 3]
 
 
+def test_restore_with_another_process_count(tmp_path):
+    """Data state written by 2 processes: the state restores and the iterator is positioned at the step."""
+    ref, positions = _save_three(tmp_path)
+    data = tmp_path / "ck" / "3" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    target, _, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)
+    it = _mem_iter()
+    r = Checkpointer(tmp_path / "ck").restore(target, it)
+    assert r.step == 3 and r.fallback_from is None
+    np.testing.assert_array_equal(next(it)["latent"], positions[3])
+
+
 def test_empty_dir_and_preemption_guard(tmp_path):
     mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
     target, _, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)

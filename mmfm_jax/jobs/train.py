@@ -237,6 +237,9 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
             state, m = step_fn(state, put_batch(batch, mesh, scfg), source)
             step += 1
             window.append(m)
+            if step == start + 1:  # images/s without the compile: time from the end of the first step
+                jax.block_until_ready(m)
+                t_last, step_last = time.perf_counter(), step
             if pending is not None:  # one step behind: no host sync on the step just dispatched
                 check_finite(pending)
             pending = m
@@ -260,7 +263,7 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
             if step % cfg.log_every == 0 or step == t.num_steps:
                 vals = jax.device_get(window)
                 now = time.perf_counter()
-                ips = (step - step_last) * G / max(now - t_last, 1e-9)
+                ips = (step - step_last) * G / max(now - t_last, 1e-9)  # 0 for a window of the first step only
                 tflops = flops_step / G * ips / jax.device_count() / 1e12
                 summary_metrics = dict(
                     loss=float(np.mean([v["loss"] for v in vals])),

@@ -7,9 +7,10 @@ per process) and ``config`` (``JsonSave``). Saves are asynchronous (the arrays a
 ``max_to_keep`` prunes old steps.
 
 Restore takes a target of ``ShapeDtypeStruct``s carrying the *current* shardings, so a checkpoint written on one
-mesh restores onto any other (8 devices -> 1 or 2, other FSDP splits). If the latest step fails to restore (files
-truncated, deleted or corrupt) a warning is logged and the previous step is tried; the bad step directories are
-moved to ``<dir>_corrupt/`` so training can write those steps again.
+mesh restores onto any other (8 devices -> 1 or 2, other FSDP splits); a checkpoint written by another number of
+processes positions the data iterator at the restored step (one local batch per step on every process).
+If the latest step fails to restore (files truncated, deleted or corrupt) a warning is logged and the previous
+step is tried; the bad step directories are moved to ``<dir>_corrupt/`` so training can write those steps again.
 """
 
 from __future__ import annotations
@@ -107,8 +108,14 @@ class Checkpointer:
 
     def _restore_step(self, step: int, target: Any, iterator: Any, with_config: bool) -> tuple[Any, Any]:
         items = {"state": ocp.args.StandardRestore(target)}
+        reposition = False
         if iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            data_dir = self.dir / str(step) / "data"
+            mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            if not mine.exists() and any(data_dir.glob("process_*-of-*.json")):
+                reposition = True  # written by another number of processes
+            else:
+                items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         if with_config:
             items["config"] = ocp.args.JsonRestore()
         r = self.mngr.restore(step, args=ocp.args.Composite(**items))
@@ -116,6 +123,8 @@ class Checkpointer:
         bad = [i for i, x in enumerate(jax.tree.leaves(state)) if not hasattr(x, "shape")]
         if bad:
             raise ValueError(f"checkpoint step {step}: {len(bad)} leaves did not restore as arrays")
+        if reposition:
+            _reposition(iterator, step)
         return state, (r["config"] if with_config else None)
 
     def restore(self, target: Any, iterator: Any = None, with_config: bool = True) -> Restored | None:
@@ -155,6 +164,17 @@ class Checkpointer:
                     shutil.move(str(src), str(dest / f"{s}-{int(time.time())}"))
         parallel.sync("checkpoint_quarantine")
         self.mngr.reload()
+
+
+def _reposition(iterator: Any, step: int) -> None:
+    """The data pipelines of ``data/latents.py`` consume one local batch per step on every process, and their
+    iterator state is ``{'next_index': batches consumed}`` whatever the process count: position it at ``step``."""
+    st = iterator.get_state()
+    if not isinstance(st, dict) or set(st) != {"next_index"}:
+        raise ValueError(f"data iterator state {st!r} cannot be repositioned (saved by another process count)")
+    iterator.set_state({"next_index": int(step)})
+    log.warning("checkpoint step %d: data state written by another number of processes; iterator positioned at "
+                "batch %d", step, step)
 
 
 def _all_processes_agree(ok: bool) -> bool:
