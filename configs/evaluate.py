@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.nearest_k = 3
     c.is_split_size = 5000  # ADM: 50,000 samples -> 10 splits
     c.save_features = False
+    c.sqrtm = "scipy"  # ADM's scipy.linalg.sqrtm; "eigh": a faster trace-sqrt (tests, quick looks)
     variant = arg or "imagenet256"
     if variant == "imagenet256":
         pass
@@ -28,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.inception.random_init = True
         c.batch_size = 8
         c.is_split_size = 4
+        c.sqrtm = "eigh"
     else:
         raise ValueError(f"configs/evaluate.py: unknown variant {variant!r} (imagenet256, tiny)")
     return c

@@ -39,17 +39,38 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+SQRTM_METHODS = ("scipy", "eigh")
+
+
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """``tr(sqrtm(S1 S2))`` for symmetric PSD S1, S2 via two symmetric eigendecompositions (float64):
+    ``S1 S2`` is similar to ``S1^1/2 S2 S1^1/2`` (PSD), so the trace is the sum of the square roots of its
+    eigenvalues. Several times faster than ``scipy.linalg.sqrtm`` at 2048 dims and exact for singular products."""
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = r1 @ s2 @ r1
+    ev = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sum(np.sqrt(np.clip(ev, 0, None))))
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` in float64, as ADM (TTUR): if ``sqrtm`` is not
-    finite, retry with ``eps * I`` added to both covariances; an imaginary part is dropped when the diagonal's is
-    below 1e-3, otherwise it is an error."""
+                     eps: float = 1e-6, method: str = "scipy") -> float:
+    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` in float64.
+
+    ``method='scipy'`` (default) is ADM (TTUR): ``scipy.linalg.sqrtm``; if it is not finite, retry with ``eps * I``
+    added to both covariances; an imaginary part is dropped when the diagonal's is below 1e-3, otherwise it is an
+    error. ``method='eigh'``: :func:`trace_sqrt_product` (same value to ~1e-8 relative on well-conditioned inputs;
+    much faster, for tests and quick looks)."""
+    if method not in SQRTM_METHODS:
+        raise ValueError(f"frechet_distance: method must be one of {SQRTM_METHODS}, got {method!r}")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         covmean = linalg.sqrtm(s1.dot(s2))
@@ -286,7 +307,7 @@ def load_reference_batch(path: str | os.PathLike) -> ReferenceBatch:
 
 def adm_metrics(sample: Mapping[str, np.ndarray], ref: ReferenceBatch | None = None,
                 ref_feats: Mapping[str, np.ndarray] | None = None, k: int = 3, split_size: int = 5000,
-                distance_dtype: str = "float16") -> dict[str, float]:
+                distance_dtype: str = "float16", sqrtm: str = "scipy") -> dict[str, float]:
     """ADM ``evaluator.py main()``: Inception Score, FID, sFID, precision, recall.
 
     ``sample``/``ref_feats``: ``extract_features`` outputs (``pool``, ``spatial``, ``logits``). FID/sFID use the
@@ -302,8 +323,8 @@ def adm_metrics(sample: Mapping[str, np.ndarray], ref: ReferenceBatch | None = N
         r, r_s = feature_stats(ref_feats["pool"]), feature_stats(ref_feats["spatial"])
     else:
         raise ValueError("adm_metrics: need reference statistics or reference features")
-    out["fid"] = frechet_distance(mu, sigma, *r)
-    out["sfid"] = frechet_distance(mu_s, sigma_s, *r_s)
+    out["fid"] = frechet_distance(mu, sigma, *r, method=sqrtm)
+    out["sfid"] = frechet_distance(mu_s, sigma_s, *r_s, method=sqrtm)
     if ref_feats is not None:
         out["precision"], out["recall"] = precision_recall(ref_feats["pool"], sample["pool"], k=k,
                                                            distance_dtype=distance_dtype)

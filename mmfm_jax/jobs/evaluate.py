@@ -36,6 +36,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           "required: pytorch-fid's pt_inception-2015-12-05-*.pth (or the same state dict as .npz/.safetensors)")
     check_positive(cfg, "batch_size")
     check_positive(cfg, "nearest_k")
+    check_choice(cfg, "sqrtm", metrics_lib.SQRTM_METHODS)
     check_positive(cfg, "limit", allow_zero=True)
     if not cfg.ref.path and not cfg.ref.allow_none:
         raise ConfigError("config.ref.path: required (e.g. VIRTUAL_imagenet256_labeled.npz)")
@@ -131,7 +132,8 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     if ref is None and ref_feats is None:
         out = {"inception_score": metrics_lib.inception_score(feats["logits"], split_size=int(cfg.is_split_size))}
     else:
-        out = metrics_lib.adm_metrics(feats, ref, ref_feats, k=int(cfg.nearest_k), split_size=int(cfg.is_split_size))
+        out = metrics_lib.adm_metrics(feats, ref, ref_feats, k=int(cfg.nearest_k), split_size=int(cfg.is_split_size),
+                                      sqrtm=cfg.sqrtm)
     if ctx.is_main and cfg.save_features:
         np.savez(ctx.path("features.npz"), **feats)
     summary = dict(num_images=n, input=str(cfg.input.path), reference=cfg.ref.path or None,
