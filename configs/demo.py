@@ -4,6 +4,11 @@ Fixed choices (README, docs): latent = 64 pixel tokens x 1 channel in [-1, 1]; [
 16-mode diagonal GMM fitted with our EM; no time shift (the ImageNet shift sqrt(dim/4096) would be 1/8 here);
 training budget 1000 steps at batch 64 (about 45 epochs of the 1,438 training digits); evaluation every 100 steps
 with 500 samples from the EMA model and a 10-point Euler grid (9 model evaluations).
+
+Variant ``gm_steps`` (``mode='gm_steps'``, ``mmfm_jax/jobs/demo_gm.py``): GMFlow's claim in miniature: FD vs number
+of steps (2..32) for Euler on a velocity DiTDH vs GM-ODE / GM-SDE on a GM DiTDH (``model.head='gm'``, K = 8)
+trained for the same budget, with the Gaussian source and the GMM source + mode coupling (mode-conditional model).
+``gm_steps_test``: its seconds-long version.
 """
 
 import dataclasses
@@ -32,16 +37,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         initial_lr=2e-3, base_lr=2e-3, final_lr=2e-3, schedule="linear",
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_grad=1.0,
         initial_ema_decay=0.99, ema_decay=0.99, compute_dtype="float32",
-        time_kind="logit_normal", time_mean=0.0, time_std=1.0, t_max=0.999, time_shift=1.0, time_shift_base=4096))
+        time_kind="logit_normal", time_mean=0.0, time_std=1.0, t_max=0.999, time_shift=1.0, time_shift_base=4096,
+        gm_trans_ratio=0.5, gm_weight_scale=2.0))  # GMFlow head only
     c.adaptive = ml_collections.ConfigDict(dict(
         enabled=False, num_modes=0, strategy="focal", gamma=2.0, normalize=True, min_weight=0.3, max_weight=3.0,
         ema_decay=0.99, warmup_steps=100, weight_by="mode"))
     c.sampler = ml_collections.ConfigDict(dict(num_points=10, shift=1.0, t_end=0.999))
     c.eval_every = 100
     c.eval_samples = 500
+    c.mode = "convergence"  # 'convergence': MM-FM vs the baseline; 'gm_steps': Euler vs GMFlow solvers vs steps
+    c.gm = ml_collections.ConfigDict(dict(
+        steps=(2, 4, 8, 16, 32), ref_steps=64, methods=("euler", "euler_gm_mean", "gm_ode", "gm_ode2", "gm_sde"),
+        components=8, logstd_inner=64, substeps=0))
     variant = arg or "default"
     if variant == "default":
         pass
+    elif variant in ("gm_steps", "gm_steps_test"):
+        c.mode = "gm_steps"
+        c.settings = ("gaussian", "gmm_mode_cond")
+        c.train.num_steps = 400
+        if variant == "gm_steps_test":
+            c.classifier_steps = 200
+            c.train.num_steps = 8
+            c.eval_samples = 64
+            c.gmm.n_components = 8
+            c.gmm.max_iter = 10
+            c.model.depth = (1, 1)
+            c.gm.steps = (2,)
+            c.gm.ref_steps = 4
+            c.gm.methods = ("euler", "gm_ode2", "gm_sde")
+            c.gm.components = 4
     elif variant == "test":
         c.settings = ("gaussian", "gmm_mode_cond")
         c.classifier_steps = 200
@@ -54,5 +79,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.gmm.max_iter = 10
         c.model.depth = (1, 1)
     else:
-        raise ValueError(f"configs/demo.py: unknown variant {variant!r} (default, test)")
+        raise ValueError(f"configs/demo.py: unknown variant {variant!r} (default, test, gm_steps, gm_steps_test)")
     return c

@@ -13,6 +13,10 @@ field per run, trained with the flow-matching core (x_t = (1 - t) x + t z0, targ
 everything (data, GMM fit, network init, training noise); the table reports mean +- std over seeds.
 
 Variant ``test``: a seconds-long version for the test suite.
+
+Variant ``gm_steps`` (``mode='gm_steps'``, ``mmfm_jax/jobs/toy_gm.py``): GMFlow's claim in miniature on the Spread
+target: W2^2 vs number of steps (2..32) for Euler on a velocity MLP vs GM-ODE / GM-SDE on a GM MLP trained for the
+same budget, Gaussian and GMM (mode-coupled, mode-conditional) sources. ``gm_steps_test``: its seconds-long version.
 """
 
 import ml_collections
@@ -42,9 +46,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         assignment="soft", chunk=250,
     ))
     c.eval = ml_collections.ConfigDict(dict(n_samples=2000, len_points=201, plot_paths=48, plot_points=41))
+    c.mode = "paper"  # 'paper': the Len / W2^2 table; 'gm_steps': Euler vs GMFlow solvers vs number of steps
+    c.gm = ml_collections.ConfigDict(dict(
+        setting="spread", steps=(2, 4, 8, 16, 32), ref_steps=128,
+        methods=("euler", "euler_gm_mean", "gm_ode", "gm_ode2", "gm_sde", "gm_sde2"),
+        components=16, logstd_inner=64, trans_ratio=0.9, weight_scale=2.0, substeps=0))
     variant = arg or "default"
     if variant == "default":
         pass
+    elif variant in ("gm_steps", "gm_steps_test"):
+        c.mode = "gm_steps"
+        c.seeds = 2
+        c.eval.n_samples = 1000
+        if variant == "gm_steps_test":
+            c.data.n_train = 2000
+            c.gmm.max_iter = 30
+            c.model.width = 32
+            c.model.depth = 2
+            c.train.steps = 40
+            c.train.batch_size = 64
+            c.train.chunk = 20
+            c.eval.n_samples = 128
+            c.gm.steps = (2, 8)
+            c.gm.ref_steps = 16
+            c.gm.methods = ("euler", "gm_ode2", "gm_sde")
+            c.gm.components = 4
     elif variant == "test":
         c.seeds = 2
         c.data.n_train = 2000
@@ -59,5 +85,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.plot_paths = 8
         c.eval.plot_points = 11
     else:
-        raise ValueError(f"configs/toy.py: unknown variant {variant!r} (default, test)")
+        raise ValueError(f"configs/toy.py: unknown variant {variant!r} (default, test, gm_steps, gm_steps_test)")
     return c

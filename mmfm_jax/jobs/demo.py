@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax import parallel
-from mmfm_jax.config_utils import check, check_positive, validate_base
+from mmfm_jax.config_utils import check, check_choice, check_positive, validate_base
 from mmfm_jax.data import digits
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.eval import classifier as clf_lib
@@ -60,6 +60,11 @@ log = logging.getLogger("mmfm_jax")
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     validate_base(cfg)
+    check_choice(cfg, "mode", ("convergence", "gm_steps"))
+    if cfg.mode == "gm_steps":
+        from mmfm_jax.jobs.demo_gm import validate_gm_steps
+
+        validate_gm_steps(cfg)
     check(cfg, "settings", lambda v: len(v) > 0 and all(s in SETTINGS for s in v), f"subset of {tuple(SETTINGS)}")
     check(cfg, "settings", lambda v: "gaussian" in v, "must include 'gaussian' (the baseline the speed-up is "
           "measured against)")
@@ -147,14 +152,12 @@ def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, r
         bar.update(1)
         if step % int(cfg.eval_every) == 0 or step == int(c.train.num_steps):
             x = np.asarray(parallel.global_to_host(sampler(state.ema, state.buffers, source, idx)))[:n_eval]
-            feats, pred = clf_lib.features_and_predictions(clf, np.clip(x.reshape(n_eval, -1), -1.5, 1.5))
-            fd = frechet_distance(*feature_stats(feats), *ref_stats["fd"])
-            cov = clf_lib.mode_coverage(pred, 10, ref_stats["freq"])
+            sc = score(clf, ref_stats, x)
             loss = float(np.mean(jax.device_get(losses)))
             losses = []
-            curve.append(dict(step=step, fd=float(fd), covered=cov["covered"], tv=cov["tv"], loss=loss))
-            ctx.writer.scalars(step, {f"demo/{name}/fd": fd, f"demo/{name}/covered": cov["covered"],
-                                      f"demo/{name}/tv": cov["tv"], f"demo/{name}/loss": loss}, console=False)
+            curve.append(dict(step=step, **sc, loss=loss))
+            ctx.writer.scalars(step, {f"demo/{name}/fd": sc["fd"], f"demo/{name}/covered": sc["covered"],
+                                      f"demo/{name}/tv": sc["tv"], f"demo/{name}/loss": loss}, console=False)
     bar.close()
     it.close()
     final_x = x
@@ -168,8 +171,9 @@ def steps_to_reach(curve: list[dict], target: float) -> int | None:
     return None
 
 
-def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
-    t0 = time.time()
+def prepare(cfg) -> dict[str, Any]:
+    """The digits split, the scoring classifier (trained on the training split), its test accuracy, the reference
+    feature statistics and class frequencies, and the FD floor (held-out split vs training split)."""
     data = digits.load_digits_split(float(cfg.test_fraction), int(cfg.seed))
     train = data["train"]
     clf = clf_lib.train_classifier(train["cls"], train["label"], 10, steps=int(cfg.classifier_steps),
@@ -182,6 +186,26 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     test_feats, _ = clf_lib.features_and_predictions(clf, data["test"]["cls"])
     fd_floor = float(frechet_distance(*feature_stats(test_feats), *ref_stats["fd"]))
     log.info("demo: classifier test accuracy %.3f; FD(test split, train split) = %.3f", clf_acc, fd_floor)
+    return dict(train=train, clf=clf, clf_acc=clf_acc, ref_stats=ref_stats, fd_floor=fd_floor)
+
+
+def score(clf, ref_stats, x: np.ndarray) -> dict[str, float]:
+    """FD (classifier features, against the training split) and class coverage of samples x [n, 64, 1]."""
+    n = x.shape[0]
+    feats, pred = clf_lib.features_and_predictions(clf, np.clip(x.reshape(n, -1), -1.5, 1.5))
+    cov = clf_lib.mode_coverage(pred, 10, ref_stats["freq"])
+    return dict(fd=float(frechet_distance(*feature_stats(feats), *ref_stats["fd"])), covered=cov["covered"],
+                tv=cov["tv"])
+
+
+def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
+    if cfg.mode == "gm_steps":  # GMFlow vs Euler, FD vs number of steps (jobs/demo_gm.py)
+        from mmfm_jax.jobs.demo_gm import run_gm_steps
+
+        return run_gm_steps(cfg, ctx)
+    t0 = time.time()
+    prep = prepare(cfg)
+    train, clf, clf_acc, ref_stats, fd_floor = (prep[k] for k in ("train", "clf", "clf_acc", "ref_stats", "fd_floor"))
     needs_gmm = any(SETTINGS[s][0] != "gaussian" for s in cfg.settings)
     src, gmm_info = (fit_source(cfg, ctx.mesh, train) if needs_gmm else (None, {}))
     results = {}

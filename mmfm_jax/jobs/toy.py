@@ -79,6 +79,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           "must be an int in [0, eval.n_samples]")
     if cfg.eval.n_samples > 5000:
         raise ConfigError(f"config.eval.n_samples = {cfg.eval.n_samples}: exact OT is O(n^3); keep it <= 5000")
+    check_choice(cfg, "mode", ("paper", "gm_steps"))
+    if cfg.mode == "gm_steps":
+        from mmfm_jax.jobs.toy_gm import METHODS
+
+        check(cfg, "gm.setting", lambda v: v in cfg.settings, f"must name one of settings {tuple(cfg.settings)}")
+        check(cfg, "gm.steps", lambda v: len(v) >= 1 and all(isinstance(s, int) and s >= 1 for s in v),
+              "must be ints >= 1")
+        check(cfg, "gm.methods", lambda v: len(v) >= 1 and all(m in METHODS for m in v), f"subset of {tuple(METHODS)}")
+        check(cfg, "gm.trans_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
+        for key in ("gm.ref_steps", "gm.components", "gm.logstd_inner", "gm.weight_scale"):
+            check_positive(cfg, key)
+        check(cfg, "gm.substeps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = auto)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,6 +340,10 @@ def plot(path, cfg, plots: dict[str, Any]) -> None:
 
 
 def run(cfg: ml_collections.ConfigDict, ctx) -> dict[str, Any]:
+    if cfg.mode == "gm_steps":  # GMFlow vs Euler, sample quality vs number of steps (jobs/toy_gm.py)
+        from mmfm_jax.jobs.toy_gm import run_gm_steps
+
+        return run_gm_steps(cfg, ctx)
     kinds = tuple(cfg.runs)
     mk = lambda k: MLPVelocity(cfg.dim, cfg.model.width, cfg.model.depth, cfg.model.n_freq, rngs=nnx.Rngs(k))  # noqa
     graphdef = nnx.split(nnx.eval_shape(lambda: mk(0)))[0]
