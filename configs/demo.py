@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_samples = 500
     c.mode = "convergence"  # 'convergence': MM-FM vs the baseline; 'gm_steps': Euler vs GMFlow solvers vs steps
     c.gm = ml_collections.ConfigDict(dict(
-        steps=(2, 4, 8, 16, 32), ref_steps=64, methods=("euler", "euler_gm_mean", "gm_ode", "gm_ode2", "gm_sde"),
+        steps=(2, 4, 8, 16, 32), ref_steps=0, methods=("euler", "gm_ode2", "gm_sde"),
         components=8, logstd_inner=64, substeps=0))
     variant = arg or "default"
     if variant == "default":
@@ -55,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant in ("gm_steps", "gm_steps_test"):
         c.mode = "gm_steps"
         c.settings = ("gaussian", "gmm_mode_cond")
-        c.train.num_steps = 400
+        c.train.num_steps = 300
+        c.eval_samples = 250
         if variant == "gm_steps_test":
             c.classifier_steps = 200
             c.train.num_steps = 8

@@ -206,3 +206,53 @@ def test_sample_validate_gm(repo_dir, gm_run, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tc))
     with pytest.raises(ConfigError, match=r"config\.sampler\.solver = 'gm_ode'"):
         sample.validate(cfg(**unc))
+
+
+def test_toy_gm_steps(repo_dir, tmp_path):
+    cfg = load_config(f"{repo_dir}/configs/toy.py:gm_steps_test")
+    s = run_job("toy", cfg, tmp_path)
+    assert s["steps"] == [2] and s["methods"] == ["euler", "gm_ode2"] and s["setting"] == "spread"
+    for src in ("gaussian", "gmm_mode"):
+        for m in ("euler", "gm_ode2"):
+            v = s["w2"][src][m]["2"]
+            assert len(v) == cfg.seeds and np.isfinite(v).all() and min(v) > 0
+        assert "euler_ref" not in s["w2"][src]  # gm.ref_steps = 0
+    assert np.isfinite(list(s["final_losses"].values())).all() and set(s["gm_beats_euler_le8"]) == {"gaussian",
+                                                                                                   "gmm_mode"}
+    assert s["table"].count("\n") == 2 + 4 and "GM-ODE 2" in (tmp_path / "report.md").read_text()
+
+
+def test_demo_gm_steps_validation_and_table(repo_dir):
+    from mmfm_jax.jobs import demo, demo_gm
+
+    cfg = load_config(f"{repo_dir}/configs/demo.py:gm_steps")
+    demo.validate(cfg)
+    assert cfg.mode == "gm_steps" and tuple(cfg.settings) == ("gaussian", "gmm_mode_cond")
+    bad = load_config(f"{repo_dir}/configs/demo.py:gm_steps", {"settings": ("gaussian", "gmm_mode")})
+    with pytest.raises(ConfigError, match=r"config\.train\.gm_trans_ratio"):  # GMM source, model blind to the mode
+        demo.validate(bad)
+    with pytest.raises(ConfigError, match=r"config\.gm\.methods"):
+        demo.validate(load_config(f"{repo_dir}/configs/demo.py:gm_steps", {"gm.methods": ("euler", "dpm")}))
+    fd = lambda v: {"fd": v}  # noqa: E731
+    res = dict(steps=[2, 16], methods=["euler", "gm_ode2"], ref_steps=0, fd_test_vs_train=5.0,
+               fd={"gaussian": {"euler": {"2": fd(100.0), "16": fd(50.0)}, "gm_ode2": {"2": fd(60.0), "16": fd(55.0)}}})
+    assert demo_gm.beats(res) == {"gaussian": True}
+    rows = demo_gm.table(res).splitlines()
+    assert rows[2] == "| Gaussian | Euler (velocity model) | 100.00 | 50.00 |" and rows[3].endswith("| 60.00 | 55.00 |")
+
+
+def test_sample_velocity_autoguidance_sweep(repo_dir, tmp_path):
+    """A velocity model's AutoGuidance sweep (vmapped scales) equals separate runs (guide: the step-1 EMA)."""
+    cfg = load_config(f"{repo_dir}/configs/train.py:tiny", {"train.num_steps": 2, "checkpoint.every_steps": 1})
+    run_job("train", cfg, tmp_path / "train")
+    o = {"model.workdir": str(tmp_path / "train"), "guide.enabled": True, "guide.workdir": str(tmp_path / "train"),
+         "guide.step": 1, "decoder.enabled": False, "num_samples": 8, "batch_size": 8, "output.images_per_shard": 8}
+    s = run_job("sample", load_config(f"{repo_dir}/configs/sample.py:tiny", {**o, "guide.scales": (1.0, 1.5)}),
+                tmp_path / "sweep")
+    assert s["solver"] == "euler" and s["model_head"] == "velocity" and s["guide_scales"] == [1.0, 1.5]
+    run_job("sample", load_config(f"{repo_dir}/configs/sample.py:tiny", {**o, "guide.scale": 1.5}), tmp_path / "one")
+    a = np.load(tmp_path / "sweep" / "samples" / "scale_1.5" / "images-00000.npz")["arr_0"]
+    b = np.load(tmp_path / "one" / "samples" / "images-00000.npz")["arr_0"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    c = np.load(tmp_path / "sweep" / "samples" / "scale_1" / "images-00000.npz")["arr_0"]
+    assert float(np.max(np.abs(a - c))) > 0  # the scale matters

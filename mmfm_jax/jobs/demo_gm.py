@@ -40,6 +40,7 @@ from mmfm_jax.train.step import make_train_step, mode_gaussian, put_batch
 from mmfm_jax.utils import progress, write_json_atomic
 
 log = logging.getLogger("mmfm_jax")
+_COMPILER_OPTIONS: dict = {}
 HEADS = ("velocity", "gm")
 # method -> (model head, solver, order)
 METHODS = {"euler": ("velocity", "euler", 1), "euler_gm_mean": ("gm", "euler", 1), "gm_ode": ("gm", "ode", 1),
@@ -53,8 +54,9 @@ SETTING_LABELS = {"gaussian": "Gaussian", "gmm_indep": "GMM, indep. coupling", "
 def validate_gm_steps(cfg: ml_collections.ConfigDict) -> None:
     check(cfg, "gm.steps", lambda v: len(v) >= 1 and all(isinstance(s, int) and s >= 1 for s in v), "ints >= 1")
     check(cfg, "gm.methods", lambda v: len(v) >= 1 and all(m in METHODS for m in v), f"subset of {tuple(METHODS)}")
-    for key in ("gm.ref_steps", "gm.components", "gm.logstd_inner"):
+    for key in ("gm.components", "gm.logstd_inner"):
         check_positive(cfg, key)
+    check(cfg, "gm.ref_steps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = no reference)")
     check(cfg, "gm.substeps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = auto)")
     for name in cfg.settings:
         kind, cond = SETTINGS[name]
@@ -115,7 +117,6 @@ def make_sampler(cfg, model: dict, kind: str, method: str, n_steps: int):
     mdef, mcfg = model["mdef"], model["mcfg"]
     gm = mcfg.head == "gm"
 
-    @jax.jit
     def sample(ema, buffers, source, indices):
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
         if kind == "gaussian":
@@ -131,7 +132,7 @@ def make_sampler(cfg, model: dict, kind: str, method: str, n_steps: int):
         skeys = jax.vmap(lambda kk: jax.random.fold_in(kk, 3))(keys)
         return gmflow.gm_sample(fn, z0, grid, solver=solver, num_substeps=sub, order=order, source=gsrc, keys=skeys)
 
-    return sample
+    return jax.jit(sample, compiler_options=_COMPILER_OPTIONS or None)
 
 
 def run_gm_steps(cfg, ctx) -> dict[str, Any]:
@@ -145,7 +146,8 @@ def run_gm_steps(cfg, ctx) -> dict[str, Any]:
     mult = parallel.batch_size_multiple(mesh)
     idx = parallel.host_to_global(np.arange(-(-n_eval // mult) * mult, dtype=np.int32), mesh)
     methods = list(cfg.gm.methods)
-    runs = [(m, int(s)) for m in methods for s in cfg.gm.steps] + [("euler", int(cfg.gm.ref_steps))]
+    runs = [(m, int(s)) for m in methods for s in cfg.gm.steps]
+    runs += [("euler", int(cfg.gm.ref_steps))] if cfg.gm.ref_steps else []  # 0: no reference row
     fd: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     train_info: dict[str, dict[str, Any]] = {}
     shown: dict[str, np.ndarray] = {}
@@ -166,9 +168,9 @@ def run_gm_steps(cfg, ctx) -> dict[str, Any]:
                 x = make_sampler(cfg, model, kind, method, n_steps)(model["ema"], model["buffers"], model["source"],
                                                                     idx)
                 x = np.asarray(parallel.global_to_host(x))[:n_eval]
-                key = "euler_ref" if r_idx == len(runs) - 1 else method
+                key = "euler_ref" if cfg.gm.ref_steps and r_idx == len(runs) - 1 else method
                 fd[name].setdefault(key, {})[str(n_steps)] = score(clf, ref_stats, x)
-                if n_steps == 4 and r_idx < len(runs) - 1:
+                if n_steps == 4 and key != "euler_ref":
                     shown[f"{name}/{method}"] = x[:16]
             eval_s += time.time() - t0
     res = dict(steps=[int(s) for s in cfg.gm.steps], methods=methods, ref_steps=int(cfg.gm.ref_steps), fd=fd,

@@ -46,17 +46,23 @@ from flax import nnx
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.flow import gmflow
-from mmfm_jax.flow.gm_ops import GM
-from mmfm_jax.flow.samplers import autoguidance, euler_grid, euler_sample, guided_velocity_fn
-from mmfm_jax.flow.time import resolution_shift
+from mmfm_jax.flow.samplers import autoguidance, euler_sample, guided_velocity_fn
 from mmfm_jax.gmm.source import load_source, sample_prior, sample_source
+from mmfm_jax.jobs.sample_gm import (
+    SOLVERS,
+    as_gm,
+    gm_substeps,
+    guide_scales,
+    peek_model_config,
+    sample_grid,
+    validate_for_model,
+)
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
 from mmfm_jax.train.step import mode_gaussian
 from mmfm_jax.utils import progress
 
 DEFAULT_CONFIG = "sample.py:tiny"
 log = logging.getLogger("mmfm_jax")
-SOLVERS = ("euler", "gm_ode", "gm_sde")
 SDE_STREAM = 3
 
 
@@ -85,68 +91,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     mcfg = peek_model_config(cfg.model)
     if mcfg is not None:
         validate_for_model(cfg, mcfg)
-
-
-def peek_model_config(spec: ml_collections.ConfigDict) -> DiTDHConfig | None:
-    """The model config of a training run (``kind='train'``: its ``config.json``) without loading weights; None
-    when it cannot be read yet (checked again after loading)."""
-    if spec.kind != "train" or not spec.workdir:
-        return None
-    path = Path(spec.workdir) / "config.json"
-    if not path.is_file():
-        return None
-    from mmfm_jax.jobs.train import model_config
-
-    return model_config(ml_collections.ConfigDict(json.loads(path.read_text())))
-
-
-def gm_substeps(cfg: ml_collections.ConfigDict) -> int:
-    """GM-ODE substeps per model evaluation (``sampler.gm_substeps``; 0: GMFlow's ``max(2, ceil(128 / NFE))``);
-    GM-SDE: 1."""
-    if cfg.sampler.solver == "gm_sde":
-        return 1
-    n = int(cfg.sampler.gm_substeps)
-    return n if n > 0 else max(2, math.ceil(128 / (int(cfg.sampler.num_points) - 1)))
-
-
-def guide_scales(cfg: ml_collections.ConfigDict) -> tuple[float, ...]:
-    """The guidance scale(s): ``guide.scales`` when set (a sweep), else ``(guide.scale,)``."""
-    return tuple(float(w) for w in cfg.guide.scales) or (float(cfg.guide.scale),)
-
-
-def validate_for_model(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig) -> None:
-    """The checks that need the model's config (head, mode conditioning); raises ``ConfigError`` naming the key."""
-    gm = mcfg.head == "gm"
-    if cfg.sampler.solver != "euler" and not gm:
-        raise ConfigError(f"config.sampler.solver = {cfg.sampler.solver!r}: GMFlow's solvers need a GM model "
-                          "(model.head='gm' in its training config); this model predicts a velocity: use 'euler'")
-    if not gm:
-        return
-    if cfg.guide.enabled:
-        key = "guide.scales" if len(cfg.guide.scales) else "guide.scale"
-        check(cfg, key, lambda v: all(0.0 <= w < 1.0 for w in guide_scales(cfg)),
-              "probabilistic AutoGuidance (a GM model) needs scales in [0, 1)")
-        check(cfg, "guide.t_min", lambda v: v == 0.0 and cfg.guide.t_max == 1.0,
-              "probabilistic guidance is applied at every step: need t_min = 0 and t_max = 1")
-    solver = "sde" if cfg.sampler.solver == "gm_sde" else "ode"
-    substeps = gm_substeps(cfg) if cfg.sampler.solver != "euler" else 1
-    order = int(cfg.sampler.gm_order) if cfg.sampler.solver != "euler" else 1
-    try:
-        gmflow.validate_gm_source(cfg.source.kind, mcfg.use_y_conditioning, solver=solver, num_substeps=substeps,
-                                  order=order, prefix="sampler", source_prefix="source")
-    except ConfigError as e:
-        msg = str(e)
-        for a, b in (("config.sampler.num_substeps", "config.sampler.gm_substeps"),
-                     ("config.sampler.order", "config.sampler.gm_order"),
-                     ("config.sampler.solver = 'sde'", "config.sampler.solver = 'gm_sde'"),
-                     ("or solver 'ode'", "or solver 'gm_ode'"),
-                     ("config.source.mode_conditional = False", "the model does not see the mode")):
-            msg = msg.replace(a, b)
-        raise ConfigError(msg) from None
-    if cfg.decoder.enabled:
-        check(cfg, "decoder.weights", lambda v: bool(v) or cfg.decoder.random_init,
-              "required: the RAE decoder (official model.pt, or .safetensors/.npz with its keys)")
-        check(cfg, "decoder.stats", lambda v: bool(v), "required: latent statistics (stats.npz or official stat.pt)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,24 +185,6 @@ def build_decoder(cfg: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sample_grid(cfg: ml_collections.ConfigDict, event_shape: tuple[int, ...]) -> np.ndarray:
-    """The time grid: Euler's ``num_points`` points down to ``t_end``, or GMFlow's ``(num_points - 1) *
-    substeps + 1`` points down to 0; the shift is ``sampler.shift`` (0: the resolution shift)."""
-    shift = float(cfg.sampler.shift) or resolution_shift(math.prod(event_shape))
-    if cfg.sampler.solver == "euler":
-        return euler_grid(int(cfg.sampler.num_points), shift, float(cfg.sampler.t_end))
-    return gmflow.gm_grid(int(cfg.sampler.num_points) - 1, gm_substeps(cfg), shift)
-
-
-def _as_gm(out: jax.Array | GM) -> GM:
-    """A velocity model's output as a one-component GM (only its mean is used, by guidance)."""
-    if isinstance(out, GM):
-        return out
-    v = jnp.asarray(out, jnp.float32)
-    return GM(v[..., None, :], jnp.zeros(v.shape[:-1] + (1,), jnp.float32), jnp.zeros((v.shape[0],) + (1,) * v.ndim,
-                                                                                           jnp.float32))
-
-
 def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_shape):
     """jit over the mesh: global sample indices [B] -> (uint8 images or latents [B, ...], modes [B]); with a
     guidance sweep (``guide.scales``) the first output is [B, S, ...], entry s for scale s."""
@@ -299,7 +225,7 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
         def one(w):
             if gm:
                 return gmflow.gm_sample(main_fn, z0, grid, guidance_scale=w, source=gsrc, keys=sde_keys,
-                                        guide_fn=None if guide_fn is None else (lambda x, t: _as_gm(guide_fn(x, t))),
+                                        guide_fn=None if guide_fn is None else (lambda x, t: as_gm(guide_fn(x, t))),
                                         **gm_kw)
             if guide_fn is None:
                 return euler_sample(main_fn, z0, grid)

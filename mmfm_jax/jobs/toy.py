@@ -88,8 +88,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "must be ints >= 1")
         check(cfg, "gm.methods", lambda v: len(v) >= 1 and all(m in METHODS for m in v), f"subset of {tuple(METHODS)}")
         check(cfg, "gm.trans_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
-        for key in ("gm.ref_steps", "gm.components", "gm.logstd_inner", "gm.weight_scale"):
+        for key in ("gm.components", "gm.logstd_inner", "gm.weight_scale"):
             check_positive(cfg, key)
+        check(cfg, "gm.ref_steps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = no reference)")
         check(cfg, "gm.substeps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = auto)")
 
 

@@ -187,13 +187,14 @@ def run_gm_steps(cfg, ctx) -> dict[str, Any]:
 
     t0 = time.time()
     w2: dict[str, dict[str, dict[str, list[float]]]] = {src: {} for src in SOURCES}
-    runs = [(m, int(s)) for m in cfg.gm.methods for s in cfg.gm.steps] + [("euler", int(cfg.gm.ref_steps))]
+    runs = [(m, int(s)) for m in cfg.gm.methods for s in cfg.gm.steps]
+    runs += [("euler", int(cfg.gm.ref_steps))] if cfg.gm.ref_steps else []  # 0: no reference row
     for r_idx, (method, n_steps) in enumerate(runs):
         out = np.asarray(jax.device_get(make_sampler(cfg, graphdefs, method, n_steps)(params, srcs, conds,
                                                                                         eval_keys)))
         for i, src in enumerate(SOURCES):
             vals = [toy.w2_squared(out[i, s], tests[s]) for s in range(seeds)]
-            key = "euler_ref" if r_idx == len(runs) - 1 else method
+            key = "euler_ref" if cfg.gm.ref_steps and r_idx == len(runs) - 1 else method
             w2[src].setdefault(key, {})[str(n_steps)] = vals
     eval_s = time.time() - t0
     res = dict(setting=name, radius=float(cfg.settings[name].radius), steps=[int(s) for s in cfg.gm.steps],
@@ -231,9 +232,10 @@ def table(res: dict) -> str:
             if m in r:
                 cells = [f"{_mean(r[m][str(s)]):.3f} ± {np.std(r[m][str(s)]):.3f}" for s in steps]
                 rows.append(f"| {SOURCE_LABELS[src]} | {LABELS[m]} | " + " | ".join(cells) + " |")
-        ref = r["euler_ref"][str(res["ref_steps"])]
-        rows.append(f"| {SOURCE_LABELS[src]} | Euler, {res['ref_steps']} steps (reference) | "
-                    + " | ".join([f"{_mean(ref):.3f}"] * len(steps)) + " |")
+        if "euler_ref" in r:
+            ref = r["euler_ref"][str(res["ref_steps"])]
+            rows.append(f"| {SOURCE_LABELS[src]} | Euler, {res['ref_steps']} steps (reference) | "
+                        + " | ".join([f"{_mean(ref):.3f}"] * len(steps)) + " |")
     rows.append("| target vs target (floor) | – | " + " | ".join(
         [f"{res['w2_floor_mean']:.3f}"] * len(steps)) + " |")
     return "\n".join(rows)
