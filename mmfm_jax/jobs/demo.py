@@ -127,9 +127,9 @@ def make_sampler(cfg, mesh, mdef_graph, mcfg, src: ModeSource | None, kind: str)
     return sample
 
 
-def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, ref_stats) -> dict[str, Any]:
-    c = _setting_config(cfg, name)
-    mesh = ctx.mesh
+def build_trainer(c: ml_collections.ConfigDict, mesh, name: str, train: dict, src: ModeSource | None):
+    """The real train step for one setting's config ``c``: ``(state, step_fn, step_config, mdef, model_config,
+    placed source or None, data iterator)``."""
     mcfg = model_config(c)
     ds = latents_lib.InMemoryLatents(train)
     scfg = step_config(c, ds.latent_shape, src.n_modes if src is not None else mcfg.num_modes)
@@ -139,6 +139,13 @@ def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, r
     step_fn = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings)
     source = shard_source(src, mesh) if (src is not None and SETTINGS[name][0] != "gaussian") else None
     it = latents_lib.make_iterator(ds, int(c.train.global_batch_size), seed=int(c.seed), num_threads=1, prefetch=2)
+    return state, step_fn, scfg, mdef, mcfg, source, it
+
+
+def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, ref_stats) -> dict[str, Any]:
+    c = _setting_config(cfg, name)
+    mesh = ctx.mesh
+    state, step_fn, scfg, mdef, mcfg, source, it = build_trainer(c, mesh, name, train, src)
     sampler = make_sampler(c, mesh, mdef, mcfg, source, SETTINGS[name][0])
     n_eval = int(cfg.eval_samples)
     n_pad = -(-n_eval // parallel.batch_size_multiple(mesh)) * parallel.batch_size_multiple(mesh)

@@ -27,16 +27,12 @@ import numpy as np
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import check, check_positive
 from mmfm_jax.data import digits
-from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.flow import gmflow
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
-from mmfm_jax.gmm.source import sample_prior, sample_source, shard_source
-from mmfm_jax.jobs.demo import SETTINGS, _setting_config, fit_source, prepare, score
-from mmfm_jax.jobs.train import model_config, step_config, validate_gm_train
-from mmfm_jax.models.ditdh import DiTDH
-from mmfm_jax.train.optim import optimizer_from_config
-from mmfm_jax.train.state import create_train_state
-from mmfm_jax.train.step import make_train_step, mode_gaussian, put_batch
+from mmfm_jax.gmm.source import sample_prior, sample_source
+from mmfm_jax.jobs.demo import SETTINGS, _setting_config, build_trainer, fit_source, prepare, score
+from mmfm_jax.jobs.train import validate_gm_train
+from mmfm_jax.train.step import mode_gaussian, put_batch
 from mmfm_jax.utils import progress, write_json_atomic
 
 log = logging.getLogger("mmfm_jax")
@@ -80,15 +76,7 @@ def train_model(cfg, ctx, name: str, head: str, train: dict, src) -> dict[str, A
     """Train one model with the real train step; returns its EMA state, model def/config and the placed source."""
     c = _config(cfg, name, head)
     mesh = ctx.mesh
-    mcfg = model_config(c)
-    ds = latents_lib.InMemoryLatents(train)
-    scfg = step_config(c, ds.latent_shape, src.n_modes if src is not None else mcfg.num_modes)
-    tx, lr_fn, ema_fn = optimizer_from_config(c.train)
-    state, shardings, mdef = create_train_state(lambda r: DiTDH(mcfg, r), tx, mesh, int(c.seed),
-                                                scfg.adaptive.num_modes)
-    step_fn = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings)
-    source = shard_source(src, mesh) if (src is not None and SETTINGS[name][0] != "gaussian") else None
-    it = latents_lib.make_iterator(ds, int(c.train.global_batch_size), seed=int(c.seed), num_threads=1, prefetch=2)
+    state, step_fn, scfg, mdef, mcfg, source, it = build_trainer(c, mesh, name, train, src)
     t0 = time.time()
     losses = []
     for step in progress(range(1, int(c.train.num_steps) + 1), desc=f"{name}/{head}"):
