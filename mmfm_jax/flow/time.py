@@ -18,7 +18,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import ndtr, ndtri
+import numpy as np
+from jax.scipy.special import ndtri
 
 TIME_KINDS = ("logit_normal", "uniform")
 
@@ -38,13 +39,18 @@ def shift_time(t, s: float):
     return s * t / (1 + (s - 1) * t)
 
 
+def _normal_cdf(x: float) -> float:
+    """Standard normal CDF of a Python float, rounded to fp32 (a trace-time constant: works under ``jit``)."""
+    return float(np.float32(0.5 * math.erfc(-x / math.sqrt(2.0))))
+
+
 def truncated_logit_normal(key: jax.Array, shape: tuple[int, ...], mean: float = 0.0, std: float = 1.0,
                            low: float = 0.0, high: float = 0.999) -> jax.Array:
     """t in [low, high] with ``logit(t) ~ N(mean, std^2)`` truncated, by inverse-CDF sampling (fp32)."""
     z_lo = -math.inf if low <= 0 else math.log(low / (1 - low))
     z_hi = math.inf if high >= 1 else math.log(high / (1 - high))
-    c_lo = float(ndtr(jnp.float32((z_lo - mean) / std))) if math.isfinite(z_lo) else 0.0
-    c_hi = float(ndtr(jnp.float32((z_hi - mean) / std))) if math.isfinite(z_hi) else 1.0
+    c_lo = _normal_cdf((z_lo - mean) / std) if math.isfinite(z_lo) else 0.0
+    c_hi = _normal_cdf((z_hi - mean) / std) if math.isfinite(z_hi) else 1.0
     u = jax.random.uniform(key, shape, jnp.float32)
     u = c_lo + (c_hi - c_lo) * u
     z = mean + std * ndtri(u)

@@ -164,9 +164,7 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: opt
                                   assignment=cfg.assignment, temperature=cfg.temperature,
                                   mesh=mesh if cfg.shard_source else None, dtype=f32)
             tkeys = jax.vmap(lambda kk: jax.random.fold_in(kk, TIME_STREAM))(mb["keys"])
-            with jax.ensure_compile_time_eval():  # flow/time.py folds its truncation constants with float()
-                t = sample_time_per_example(tkeys, cfg.time_kind, cfg.shift, cfg.time_mean, cfg.time_std,
-                                            cfg.t_max)
+            t = sample_time_per_example(tkeys, cfg.time_kind, cfg.shift, cfg.time_mean, cfg.time_std, cfg.t_max)
             wkey = mb["label"] if cfg.weight_by == "label" and "label" in mb else k
             w = adaptive_lib.sample_weights(ad, cfg.adaptive, wkey)
             y = k if cfg.y_from == "mode" else mb["label"] if cfg.y_from == "label" else None
