@@ -24,6 +24,18 @@ import ml_collections
 from mmfm_jax.config_utils import base_config
 
 
+def _shrink_for_tests(c: ml_collections.ConfigDict) -> None:
+    """The seconds-long sizes shared by the ``test`` and ``gm_steps_test`` variants."""
+    c.data.n_train = 2000
+    c.gmm.max_iter = 30
+    c.model.width = 32
+    c.model.depth = 2
+    c.train.steps = 40
+    c.train.batch_size = 64
+    c.train.chunk = 20
+    c.eval.n_samples = 128
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.mesh.num_devices = 1  # small problem: one device (vmap over the 9 models of a setting)
@@ -59,29 +71,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.seeds = 2
         c.eval.n_samples = 1000
         if variant == "gm_steps_test":
-            c.data.n_train = 2000
-            c.gmm.max_iter = 30
-            c.model.width = 32
-            c.model.depth = 2
-            c.train.steps = 40
-            c.train.batch_size = 64
-            c.train.chunk = 20
-            c.eval.n_samples = 128
+            _shrink_for_tests(c)
             c.seeds = 1
             c.gm.steps = (2,)
             c.gm.ref_steps = 0
             c.gm.methods = ("euler", "gm_ode2")
             c.gm.components = 4
     elif variant == "test":
+        _shrink_for_tests(c)
         c.seeds = 2
-        c.data.n_train = 2000
-        c.gmm.max_iter = 30
-        c.model.width = 32
-        c.model.depth = 2
-        c.train.steps = 40
-        c.train.batch_size = 64
-        c.train.chunk = 20
-        c.eval.n_samples = 128
         c.eval.len_points = 21
         c.eval.plot_paths = 8
         c.eval.plot_points = 11

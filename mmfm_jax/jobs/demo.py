@@ -109,17 +109,21 @@ def _setting_config(cfg, name: str) -> ml_collections.ConfigDict:
     return c
 
 
+def draw_source(base: jax.Array, kind: str, source: ModeSource | None, indices: jax.Array):
+    """Sampling-time source draw for sample ``i`` keyed by ``fold_in(base, i)`` -> (z0 [B, 64, 1], k [B])."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+    if kind == "gaussian":
+        return sample_source("gaussian", None, None, keys, (indices.shape[0], 64, 1))
+    return sample_prior(source, keys)
+
+
 def make_sampler(cfg, mesh, mdef_graph, mcfg, src: ModeSource | None, kind: str):
     grid = euler_grid(int(cfg.sampler.num_points), float(cfg.sampler.shift), float(cfg.sampler.t_end))
     base = jax.random.PRNGKey(int(cfg.seed) + 7)
 
     @jax.jit
     def sample(ema, buffers, source, indices):
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-        if kind == "gaussian":
-            z0, k = sample_source("gaussian", None, None, keys, (indices.shape[0], 64, 1))
-        else:
-            z0, k = sample_prior(source, keys)
+        z0, k = draw_source(base, kind, source, indices)
         model = nnx.merge(mdef_graph.graphdef, nnx.State(ema), nnx.State(buffers))
         y = k if mcfg.use_y_conditioning else None
         return euler_sample(lambda x, t: model(x, t, y), z0, grid)

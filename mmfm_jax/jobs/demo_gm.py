@@ -29,8 +29,7 @@ from mmfm_jax.config_utils import check, check_positive
 from mmfm_jax.data import digits
 from mmfm_jax.flow import gmflow
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
-from mmfm_jax.gmm.source import sample_prior, sample_source
-from mmfm_jax.jobs.demo import SETTINGS, _setting_config, build_trainer, fit_source, prepare, score
+from mmfm_jax.jobs.demo import SETTINGS, _setting_config, build_trainer, draw_source, fit_source, prepare, score
 from mmfm_jax.jobs.train import validate_gm_train
 from mmfm_jax.train.step import mode_gaussian, put_batch
 from mmfm_jax.utils import progress, write_json_atomic
@@ -106,18 +105,14 @@ def make_sampler(cfg, model: dict, kind: str, method: str, n_steps: int):
     gm = mcfg.head == "gm"
 
     def sample(ema, buffers, source, indices):
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-        if kind == "gaussian":
-            z0, k = sample_source("gaussian", None, None, keys, (indices.shape[0], 64, 1))
-        else:
-            z0, k = sample_prior(source, keys)
+        z0, k = draw_source(base, kind, source, indices)
         net = mdef.merge(ema, buffers)
         y = k if mcfg.use_y_conditioning else None
         fn = lambda x, t: net(x, t, y)  # noqa: E731
         if solver == "euler":
             return euler_sample(gmflow.gm_velocity_fn(fn) if gm else fn, z0, grid)
         gsrc = mode_gaussian(source, k) if (kind != "gaussian" and mcfg.use_y_conditioning) else None
-        skeys = jax.vmap(lambda kk: jax.random.fold_in(kk, 3))(keys)
+        skeys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), 3))(indices)
         return gmflow.gm_sample(fn, z0, grid, solver=solver, num_substeps=sub, order=order, source=gsrc, keys=skeys)
 
     return jax.jit(sample, compiler_options=_COMPILER_OPTIONS or None)
