@@ -3,37 +3,160 @@
 ``load_state_dict(path)`` reads ``.pt``/``.pth`` (needs torch; the ``ema`` entry is used when present),
 ``.safetensors`` and ``.npz`` (no torch) into ``{key: np.ndarray}``. ``KeyTracker`` hands out tensors by official
 key with shape checks, and at the end fails naming every official key that was neither used nor explained.
+
+Torch files are read by :func:`torch_load`: ``weights_only=True`` (no code runs), retried with the globals in
+``SAFE_GLOBALS`` (``argparse.Namespace``: the ``args`` entry of DiT/RAE training checkpoints) allowlisted; any other
+refused global is a ``CheckpointError`` naming it. ``trust_pickle=True`` (or ``MMFM_TRUST_PICKLE=1``) loads with
+``weights_only=False``, which can run arbitrary code: only for files you trust.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+TRUST_PICKLE_ENV = "MMFM_TRUST_PICKLE"
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)  # allowlisted for weights_only loads (plain data holders)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_REFUSED_RE = re.compile(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing keys, has unexpected keys or wrong shapes, or cannot be read."""
 
 
-def _torch_to_numpy(obj):
+def trust_pickle_from_env() -> bool:
+    """``MMFM_TRUST_PICKLE``: ``1/true/yes/on`` -> True; unset, empty or ``0/false/no/off`` -> False."""
+    value = os.environ.get(TRUST_PICKLE_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise CheckpointError(f"{TRUST_PICKLE_ENV}={value!r}: expected 1 or 0")
+
+
+def _import_torch(path: str | os.PathLike) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"reading {Path(path).name} needs torch (pip install torch==2.13.0), or convert it to "
+                              ".safetensors/.npz") from None
+    return torch
+
+
+def _global_name(g: Any) -> str:
+    return f"{g.__module__}.{g.__qualname__}"
+
+
+def _refusal(e: BaseException) -> str | None:
+    """torch's message when ``e`` is a weights_only refusal (not a corrupt file), else None."""
+    msg = str(e)
+    return msg if isinstance(e, pickle.UnpicklingError) and "weights only" in msg.lower() else None
+
+
+def _refused_globals(torch: Any, path: Path, message: str, skip: Sequence[str]) -> list[str]:
+    """Globals torch refused: those its message names, then (torch >= 2.6) every unsafe global a static scan of the
+    file finds, minus ``skip`` (the ones we allowlisted in the retry)."""
+    names = _REFUSED_RE.findall(message)
+    scan = getattr(getattr(torch, "serialization", None), "get_unsafe_globals_in_checkpoint", None)
+    if scan is not None:
+        try:
+            names += [n for n in scan(str(path)) if n not in skip]
+        except Exception:  # noqa: BLE001  (legacy non-zip files cannot be scanned; the message is enough)
+            pass
+    return list(dict.fromkeys(names))
+
+
+def torch_load(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """``torch.load`` onto the CPU without running code from the file.
+
+    1. ``weights_only=True``; 2. if that refuses one of ``SAFE_GLOBALS``, again inside
+    ``torch.serialization.safe_globals(SAFE_GLOBALS)`` (torch >= 2.5); 3. otherwise ``CheckpointError`` naming the file
+    and the refused global(s). ``trust_pickle=True`` or ``MMFM_TRUST_PICKLE=1`` uses ``weights_only=False`` instead
+    (arbitrary code execution: only for files you trust). Without torch: ``CheckpointError``.
+    """
+    path = Path(path)
+    torch = _import_torch(path)
+    if trust_pickle or trust_pickle_from_env():
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        message = _refusal(e)  # keep only the text: the traceback holds every tensor read so far
+        if message is None:
+            raise
+    safe = [_global_name(g) for g in SAFE_GLOBALS]
+    safe_globals = getattr(getattr(torch, "serialization", None), "safe_globals", None)
+    first = _REFUSED_RE.findall(message)
+    skip = safe if safe_globals is not None else []  # globals the retry allowlists are not the problem
+    if safe_globals is not None and (not first or first[0] in safe):
+        try:
+            with safe_globals(list(SAFE_GLOBALS)):
+                return torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            second = _refusal(e)
+            if second is None:
+                raise
+        message = second
+    names = _refused_globals(torch, path, message, skip)
+    if names:
+        what = f"the global(s) {', '.join(names)}"
+    else:
+        lines = [s.strip() for s in message.splitlines() if "WeightsUnpickler error" in s]
+        what = f"an object ({(lines[0] if lines else message.strip())[:300]})"
+    raise CheckpointError(
+        f"{path}: torch.load(weights_only=True) refused {what}. If you trust this file, pass trust_pickle=True (or set "
+        f"{TRUST_PICKLE_ENV}=1) to load it with weights_only=False, which can run arbitrary code: only for files you "
+        "trust.")
+
+
+def _torch_to_numpy(value: Any, key: str, source: str | os.PathLike) -> np.ndarray:
+    """One state-dict tensor -> numpy on the CPU (bf16 and other dtypes numpy lacks -> float32); a non-tensor value
+    is a ``CheckpointError`` naming ``key``."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{source}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+    t = value.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    try:
         return t.numpy()
+    except (TypeError, RuntimeError):  # float8 / other dtypes without a numpy equivalent
+        return t.float().numpy()
+
+
+def select_state_dict(obj: Any, prefer_ema: bool = True, source: str | os.PathLike = "checkpoint") -> Mapping:
+    """A loaded torch object -> its state dict: ``obj['ema']`` (when ``prefer_ema``), else ``obj['model']`` /
+    ``obj['state_dict']``, else ``obj`` itself (a whole pickled module gives its ``state_dict()``)."""
+    if not isinstance(obj, Mapping) and callable(getattr(obj, "state_dict", None)):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict (a dict of tensors), got {type(obj).__name__}")
+    for k in (("ema",) if prefer_ema else ()) + ("model", "state_dict"):
+        if k in obj:
+            v = obj[k]
+            if not isinstance(v, Mapping) and callable(getattr(v, "state_dict", None)):
+                v = v.state_dict()
+            if isinstance(v, Mapping):
+                return v
     return obj
 
 
-def load_state_dict(path: str | os.PathLike, prefix: str = "", prefer_ema: bool = True) -> dict[str, np.ndarray]:
+def load_state_dict(path: str | os.PathLike, prefix: str = "", prefer_ema: bool = True, *,
+                    trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Read a flat state dict. ``prefix`` (e.g. ``'param/'`` in our fixtures) is stripped and other keys dropped.
 
-    For ``.pt`` files: ``obj['ema']`` if present (and ``prefer_ema``), else ``obj['model']`` / ``obj['state_dict']``
-    if present, else ``obj`` itself, as the official loader does.
+    For ``.pt`` files (read by :func:`torch_load`; ``trust_pickle`` see there): ``obj['ema']`` if present (and
+    ``prefer_ema``), else ``obj['model']`` / ``obj['state_dict']`` if present, else ``obj`` itself, as the official
+    loader does; every value of the chosen dict must be a tensor (bf16 -> float32).
     """
     path = Path(path)
     if not path.exists():
@@ -41,19 +164,8 @@ def load_state_dict(path: str | os.PathLike, prefix: str = "", prefer_ema: bool 
     suffix = path.suffix.lower()
     try:
         if suffix in (".pt", ".pth", ".bin", ".ckpt"):
-            try:
-                import torch
-            except ImportError:
-                raise CheckpointError(
-                    f"reading {path.name} needs torch (pip install torch==2.13.0), or convert it to .safetensors/.npz"
-                ) from None
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(obj, Mapping):
-                for k in (("ema",) if prefer_ema else ()) + ("model", "state_dict"):
-                    if k in obj and isinstance(obj[k], Mapping):
-                        obj = obj[k]
-                        break
-            sd = {k: _torch_to_numpy(v) for k, v in obj.items()}
+            obj = select_state_dict(torch_load(path, trust_pickle=trust_pickle), prefer_ema, path)
+            sd = {k: _torch_to_numpy(v, k, path) for k, v in obj.items()}
         elif suffix == ".safetensors":
             from safetensors.numpy import load_file
 

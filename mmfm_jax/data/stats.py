@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mmfm_jax.convert.common import CheckpointError, _torch_to_numpy, torch_load
 
 NORM_EPS = 1e-5
 
@@ -87,18 +90,23 @@ def chw_to_tokens(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(1, 2, 0).reshape(h * w, c))
 
 
-def import_official_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """The official ``stat.pt`` ({'mean': None | Tensor[C,H,W], 'var': Tensor[C,H,W]}) -> ([L, C], [L, C] | None)."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"reading {path} needs torch (pip install torch==2.13.0)") from None
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or "var" not in obj:
-        raise ValueError(f"{path}: expected a dict with 'var' (and 'mean'), got {type(obj).__name__}")
-    var = chw_to_tokens(obj["var"].float().numpy())
+def import_official_stats(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The official ``stat.pt`` ({'mean': None | Tensor[C,H,W], 'var': Tensor[C,H,W]}) -> ([L, C], [L, C] | None).
+
+    Read with :func:`mmfm_jax.convert.common.torch_load` (weights_only; ``trust_pickle`` / ``MMFM_TRUST_PICKLE=1``
+    for trusted files with other objects). Raises ``CheckpointError`` (a ``ValueError``) naming the file.
+    """
+    obj = torch_load(path, trust_pickle=trust_pickle)
+    if not isinstance(obj, Mapping) or obj.get("var") is None:
+        raise CheckpointError(f"{path}: expected a dict with a 'var' tensor (and 'mean'), got {type(obj).__name__}"
+                              + (f" with keys {sorted(map(str, obj))}" if isinstance(obj, Mapping) else ""))
+    var = np.asarray(_torch_to_numpy(obj["var"], "var", path), np.float32)
     mean = obj.get("mean")
-    return var, (chw_to_tokens(mean.float().numpy()) if mean is not None else None)
+    mean = None if mean is None else np.asarray(_torch_to_numpy(mean, "mean", path), np.float32)
+    if var.ndim != 3 or (mean is not None and mean.shape != var.shape):
+        raise CheckpointError(f"{path}: expected 'var' [C, H, W] and 'mean' None or the same shape, got "
+                              f"{var.shape} and {None if mean is None else mean.shape}")
+    return chw_to_tokens(var), (None if mean is None else chw_to_tokens(mean))
 
 
 def normalize(latents: jax.Array, var: jax.Array, mean: jax.Array | None = None) -> jax.Array:
