@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         time_kind="logit_normal", time_mean=0.0, time_std=1.0, t_max=0.999,
         time_shift=0.0, time_shift_base=4096,  # 0 = sqrt(L * C / base) (sqrt(48) for 256 x 768)
         max_consecutive_nonfinite=20, peak_tflops_per_device=989.0,
-        compiler_options="",  # XLA options for the jitted init/step: 'name=value,...'
+        compiler_options="auto",  # XLA options for the jitted init/step: 'auto' and/or 'name=value,...'
         gm_trans_ratio=0.5, gm_weight_scale=2.0))  # GMFlow head only (model.head='gm')
     c.adaptive = ml_collections.ConfigDict(dict(
         enabled=True, num_modes=0, strategy="focal", gamma=2.0, normalize=True, min_weight=0.3, max_weight=3.0,

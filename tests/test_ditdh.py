@@ -162,6 +162,16 @@ def test_bf16_close_to_fp32(fx):
         assert outs[dt].dtype == np.float32
     err = rel_err(outs["bfloat16"], outs["float32"])
     assert 0 < err < 3e-2, err
+    # bf16 residual streams (model.residual_dtype): a speed option, close to the fp32-residual bf16 model
+    cfg = ditdh_config("parity", dtype="bfloat16", residual_dtype="bfloat16")
+    m = ditdh_from_pure_dict(convert_ditdh_state_dict(fx["sd"], cfg), cfg)
+    v = np.asarray(jax.jit(lambda m: m(x, t, y))(m))
+    assert v.dtype == np.float32
+    err_res = rel_err(v, outs["float32"])
+    assert 0 < err_res < 5e-2 and not np.array_equal(v, outs["bfloat16"]), err_res
+    # an unknown residual dtype fails, naming the field
+    with pytest.raises(ValueError, match="residual_dtype"):
+        ditdh_config("parity", residual_dtype="float16")
 
 
 def test_sharded_forward_equals_single_device(fx):

@@ -227,3 +227,19 @@ def test_adaptive_weighting_matches_numpy():
         st = upd(st, jnp.asarray(k), jnp.asarray(loss, jnp.float32))
     np.testing.assert_allclose(st.loss_ema, want_ema, rtol=1e-5)
     assert any(not np.allclose(w, 1) for w in want_w)  # the test reaches the weighted regime
+
+
+def test_compiler_options_auto_per_backend():
+    from mmfm_jax.utils import AUTO_COMPILER_OPTIONS, parse_compiler_options
+
+    assert parse_compiler_options("auto", backend="cpu") == {}
+    assert parse_compiler_options("auto", backend="gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert AUTO_COMPILER_OPTIONS["gpu"] == {"xla_gpu_enable_triton_gemm": False}
+    # explicit items override what auto adds, in either order
+    for spec in ("auto,xla_gpu_enable_triton_gemm=true", "xla_gpu_enable_triton_gemm=true,auto"):
+        assert parse_compiler_options(spec, backend="gpu") == {"xla_gpu_enable_triton_gemm": True}
+    assert parse_compiler_options("auto,xla_backend_optimization_level=0", backend="cpu") == {
+        "xla_backend_optimization_level": 0}
+    assert parse_compiler_options("") == {}
+    with pytest.raises(ValueError, match="expected name=value or 'auto'"):
+        parse_compiler_options("fast")

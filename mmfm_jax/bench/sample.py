@@ -34,6 +34,7 @@ def main(argv: list[str]) -> None:
     from mmfm_jax.gmm.source import ModeSource, sample_prior, shard_source
     from mmfm_jax.models.decoder import DecoderConfig, RAEDecoder, decode_latents, to_uint8
     from mmfm_jax.models.ditdh import DiTDH, ditdh_config, ditdh_flops_per_example
+    from mmfm_jax.utils import parse_compiler_options
 
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench sample")
     p.add_argument("--preset", default="XL")
@@ -88,7 +89,8 @@ def main(argv: list[str]) -> None:
             return x
         return to_uint8(decode_latents(nnx.merge(dd, dstate), x, var))
 
-    fn = jax.jit(sample, out_shardings=parallel.batch_sharding(mesh, 4 if dec is not None else 3))
+    fn = jax.jit(sample, out_shardings=parallel.batch_sharding(mesh, 4 if dec is not None else 3),
+                 compiler_options=parse_compiler_options("auto") or None)
     idx = parallel.host_to_global(np.arange(g, dtype=np.int32), mesh)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(gstate, guide[1] if guide else None, src, ds, idx))

@@ -1,10 +1,11 @@
 """``python -m mmfm_jax.bench train [--config=configs/train.py:xl_mode] [--batch=N] [--accum=A] [--dtype=bfloat16]
-[--steps=10] [--peak=989] [--remat=none] [--scan] [--fsdp=1]``
+[--steps=10] [--peak=989] [--remat=none] [--scan] [--fsdp=1] [--set model.residual_dtype=bfloat16 ...]``
 
 Times the real jitted train step (in-step mode coupling from a synthetic K-mode source, AdamW, EMA) on synthetic
 latents over every device, and prints images/s, model TFLOP/s per device (3 x forward matmul FLOPs) and MFU against
 ``--peak`` (dense bf16 TFLOP/s per device: H100 SXM 989, TPU v5p 459, v6e 918). ``--batch=0`` searches the largest
-global batch (powers of two per device) that compiles and runs.
+global batch (powers of two per device) that compiles and runs. ``--set a.b=v`` overrides any config key (values
+parsed as Python literals, else strings), e.g. ``--set model.depth='(8, 2)'`` for a quicker compile.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ def _setup(args):
     from mmfm_jax.models.ditdh import DiTDH, ditdh_flops_per_example
     from mmfm_jax.train.optim import optimizer_from_config
     from mmfm_jax.train.state import create_train_state
-    from mmfm_jax.train.step import make_train_step
+    from mmfm_jax.train.step import make_train_step, parse_compiler_options
 
     cfg_path = args.config
     if not cfg_path.startswith("/"):
         cfg_path = str(Path(__file__).resolve().parents[2] / cfg_path)
-    cfg = load_config(cfg_path, {"train.compute_dtype": args.dtype, "train.grad_accum_steps": args.accum,
-                                 "mesh.fsdp": args.fsdp})
+    overrides = {"train.compute_dtype": args.dtype, "train.grad_accum_steps": args.accum, "mesh.fsdp": args.fsdp}
+    overrides.update(_parse_sets(args.set))
+    cfg = load_config(cfg_path, overrides)
     mcfg = dataclasses.replace(model_config(cfg), remat=args.remat, scan_layers=args.scan)
     mesh = parallel.mesh_from_config(cfg)
     tokens, ch = mcfg.input_size ** 2, mcfg.in_channels
@@ -51,8 +53,24 @@ def _setup(args):
     scfg = step_config(cfg, (tokens, ch), k)
     tx, lr_fn, ema_fn = optimizer_from_config(cfg.train)
     state, sh, mdef = create_train_state(lambda rr: DiTDH(mcfg, rr), tx, mesh, 0, scfg.adaptive.num_modes)
-    step = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, sh)
+    step = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, sh, parse_compiler_options(cfg.train.compiler_options))
     return cfg, mcfg, mesh, source, scfg, state, step, ditdh_flops_per_example(mcfg)
+
+
+def _parse_sets(items: list[str]) -> dict:
+    """``['a.b=v', ...]`` -> ``{'a.b': literal_eval(v) or v}``."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def _batch(mesh, scfg, g: int, tokens: int, ch: int):
@@ -78,6 +96,8 @@ def _time(step, state, batch, source, steps: int):
 
 
 def main(argv: list[str]) -> None:
+    from mmfm_jax.train.step import parse_compiler_options
+
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench train")
     p.add_argument("--config", default="configs/train.py:xl_mode")
     p.add_argument("--batch", type=int, default=0, help="global batch; 0 = search the largest that fits")
@@ -89,13 +109,16 @@ def main(argv: list[str]) -> None:
     p.add_argument("--scan", action="store_true")
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--max-per-device", type=int, default=256)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = p.parse_args(argv[1:])
     cfg, mcfg, mesh, source, scfg, state, step, fwd_flops = _setup(args)
     tokens, ch = mcfg.input_size ** 2, mcfg.in_channels
     n_dev = jax.device_count()
     print(f"devices: {n_dev} x {jax.devices()[0].device_kind}; model {cfg.model.preset} "
           f"({sum(x.size for x in jax.tree.leaves(state.params)):,} params), dtype {args.dtype}, remat {args.remat}, "
-          f"scan {args.scan}, source {scfg.source_kind}, y {scfg.y_from}, accum {args.accum}")
+          f"scan {args.scan}, source {scfg.source_kind}, y {scfg.y_from}, accum {args.accum}, "
+          f"residual {mcfg.residual_dtype}, depth {mcfg.depth}, compiler options "
+          f"{parse_compiler_options(cfg.train.compiler_options)}, overrides {args.set}")
     candidates = [args.batch] if args.batch else [n_dev * 2 ** i for i in range(0, 12)
                                                    if 2 ** i <= args.max_per_device]
     best = None

@@ -75,10 +75,11 @@ def load_stats(path: str | os.PathLike, tokens: int | None = None, channels: int
     """-> (var [L, C], mean [L, C] or None). Reads our ``stats.npz`` or the official ``stat.pt`` (needs torch)."""
     path = str(path)
     if path.endswith((".pt", ".pth")):
-        return import_official_stats(path)
-    with np.load(path) as z:
-        var = z["var"]
-        mean = z["mean"] if "mean" in z.files else None
+        var, mean = import_official_stats(path)
+    else:
+        with np.load(path) as z:
+            var = z["var"]
+            mean = z["mean"] if "mean" in z.files else None
     if tokens is not None and var.shape != (tokens, channels):
         raise ValueError(f"{path}: var has shape {var.shape}, expected ({tokens}, {channels})")
     return var, mean

@@ -59,7 +59,7 @@ from mmfm_jax.jobs.sample_gm import (
 )
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
 from mmfm_jax.train.step import mode_gaussian
-from mmfm_jax.utils import progress
+from mmfm_jax.utils import parse_compiler_options, progress
 
 DEFAULT_CONFIG = "sample.py:tiny"
 log = logging.getLogger("mmfm_jax")
@@ -248,7 +248,8 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
         return imgs.reshape(x.shape[:-2] + imgs.shape[1:]), k
 
     ndim = (4 if decoder is not None else 3) + int(sweep)
-    jitted = jax.jit(fn, out_shardings=(parallel.batch_sharding(mesh, ndim), batch_sh))
+    jitted = jax.jit(fn, out_shardings=(parallel.batch_sharding(mesh, ndim), batch_sh),
+                     compiler_options=parse_compiler_options("auto") or None)
     return jitted, grid
 
 

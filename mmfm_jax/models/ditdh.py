@@ -57,9 +57,12 @@ from mmfm_jax.utils import dtype_from_name
 class DiTDHConfig:
     """DiTDH hyper-parameters. Pairs are ``(s-branch, head)``. ``num_modes`` is the mode/label table size
     (8192 for MM-FM GMM runs; 1000 for the Gaussian baseline). ``dtype``: matmul compute dtype
-    (``'float32' | 'bfloat16'``), params are always fp32. ``scan_layers``: scan over the identical s-branch blocks
-    (faster compile; parameters stacked on a leading ``layers`` axis). ``remat``: ``'none' | 'block' | 'dots' |
-    'dots_all'``. ``attn_impl``: ``'auto' | 'xla' | 'cudnn'`` (auto: cuDNN flash attention on GPU in bf16).
+    (``'float32' | 'bfloat16'``), params are always fp32. ``residual_dtype``: dtype of the residual streams (and
+    of the per-token conditioning) between blocks: ``'float32'`` as the official model under torch autocast (the
+    default), ``'bfloat16'`` halves their memory traffic (an option for speed; normalisation statistics stay fp32).
+    ``scan_layers``: scan over the identical s-branch blocks (faster compile; parameters stacked on a leading
+    ``layers`` axis). ``remat``: ``'none' | 'block' | 'dots' | 'dots_all'``. ``attn_impl``:
+    ``'auto' | 'xla' | 'cudnn'`` (auto: cuDNN flash attention on GPU in bf16).
 
     Measured on one H100 (XL, bf16, B=64, fwd+bwd, cuDNN attention, no remat): unrolled 162 ms (383 TFLOP/s),
     scanned 210 ms (the scan's stacked residuals cost ~30%); forward alone 50-54 ms (~410 TFLOP/s). The XLA
@@ -82,6 +85,7 @@ class DiTDHConfig:
     use_rmsnorm: bool = True
     use_pos_embed: bool = True
     dtype: str = "float32"
+    residual_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
     attn_impl: str = "auto"
@@ -121,6 +125,8 @@ class DiTDHConfig:
             bad("num_modes", "must be > 0 when use_y_conditioning is True")
         if self.dtype not in ("float32", "bfloat16", "fp32", "bf16"):
             bad("dtype", "must be 'float32' or 'bfloat16'")
+        if self.residual_dtype not in ("float32", "bfloat16"):
+            bad("residual_dtype", "must be 'float32' (as under torch autocast) or 'bfloat16'")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"must be one of {sorted(REMAT_POLICIES)}")
         if self.attn_impl not in ("auto", "xla", "cudnn"):
@@ -324,9 +330,11 @@ class DiTDH(nnx.Module):
             cond = t_emb
         c = jax.nn.silu(cond)
 
+        rdt = dtype_from_name(cfg.residual_dtype)
         s = self.s_embedder(x).astype(jnp.float32)
         if self.pos_embed is not None:
             s = s + self.pos_embed[...][None]
+        s = s.astype(rdt)
         cos, sin = self._rope(ds // cfg.num_heads[0])
         fn = maybe_remat(_block_fn, cfg.remat)
         if cfg.scan_layers:
@@ -336,9 +344,11 @@ class DiTDH(nnx.Module):
                 s = fn(blk, s, c, cos, sin)
         s = jax.nn.silu(t_emb[:, None, :] + s)
         if self.s_projector is not None:
-            s = self.s_projector(s)
+            s = self.s_projector(s)  # compute dtype, as under autocast
+        if cfg.residual_dtype != "float32":
+            s = s.astype(rdt)
 
-        h = self.x_embedder(x).astype(jnp.float32)
+        h = self.x_embedder(x).astype(rdt)
         cos, sin = self._rope(dh // cfg.num_heads[1])
         for blk in self.head_blocks:
             h = fn(blk, h, s, cos, sin)

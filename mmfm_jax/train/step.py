@@ -41,6 +41,7 @@ from mmfm_jax.gmm.source import ModeSource, _draw, sample_source
 from mmfm_jax.train import adaptive as adaptive_lib
 from mmfm_jax.train.optim import ema_update
 from mmfm_jax.train.state import ModelDef, TrainState
+from mmfm_jax.utils import parse_compiler_options  # noqa: F401  (re-exported: jobs/train, bench)
 
 TIME_STREAM = 2
 BRIDGE_STREAM = 3  # GM head: the bridge noise of x_low
@@ -219,19 +220,6 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: opt
 
     return jax.jit(step_fn, out_shardings=(shardings, repl), donate_argnums=(0,),
                    compiler_options=compiler_options or None)
-
-
-def parse_compiler_options(spec: str) -> dict[str, Any]:
-    """``'xla_backend_optimization_level=0,xla_foo=true'`` -> dict for ``jax.jit(compiler_options=...)``."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise ValueError(f"compiler option {item!r}: expected name=value")
-        low = v.strip().lower()
-        out[k.strip()] = True if low == "true" else False if low == "false" else int(v) if v.strip().lstrip(
-            "-").isdigit() else v.strip()
-    return out
 
 
 def batch_keys(cfg: StepConfig) -> tuple[str, ...]:
