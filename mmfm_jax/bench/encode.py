@@ -1,9 +1,11 @@
-"""``python -m mmfm_jax.bench encode [--preset=base] [--batch=8] [--dtype=float32] [--repeats=5] [--no-torch]``
+"""``python -m mmfm_jax.bench encode [--preset=base] [--batch=8] [--dtype=float32] [--repeats=5] [--devices=0]
+[--no-torch]``
 
 Images/s of our DINOv2 (with registers) encoder at 224x224 (the MM-FM path: patch tokens + [CLS] after the
 non-affine final LayerNorm), jitted over every device, and of transformers' PyTorch ``Dinov2WithRegistersModel``
 with the same config and batch on the same machine (needs ``pip install torch==2.13.0``; random weights, eval mode,
-``torch.inference_mode``), with their ratio.
+``torch.inference_mode``), with their ratio. ``--devices=N`` (CPU only) splits the host into N XLA CPU devices and
+shards the batch over them (XLA:CPU runs a fusion on one thread; PyTorch keeps its own thread count).
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--devices", type=int, default=0, help="CPU only: number of XLA CPU devices (0: jax default)")
     p.add_argument("--no-torch", action="store_true")
     a = p.parse_args(argv[1:])
+    if a.devices:
+        jax.config.update("jax_num_cpu_devices", a.devices)
     ours = _ours(a.preset, a.batch, a.dtype, a.repeats)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; DINOv2-{a.preset} with registers, "
           f"224x224, batch {a.batch}, {a.dtype}")
