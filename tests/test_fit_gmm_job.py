@@ -94,3 +94,17 @@ def test_import_official(tmp_path, repo_dir):
     assert s["imported"] and s["event_shape"] == [4, 8]
     src, _ = load_source(tmp_path / "w" / "source")
     np.testing.assert_allclose(np.asarray(src.gmm.means), gm.means_, rtol=1e-6)
+
+
+def test_bad_precision_names_the_key(tmp_path, repo_dir):
+    from mmfm_jax.config_utils import ConfigError
+    from mmfm_jax.jobs import fit_gmm
+
+    for bad in ("fast", "highest,highest,highest"):
+        cfg = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"data.latents_dir": str(tmp_path),
+                                                                   "gmm.precision": bad})
+        with pytest.raises(ConfigError, match="gmm.precision"):
+            fit_gmm.validate(cfg)
+    cfg = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"data.latents_dir": str(tmp_path),
+                                                               "gmm.precision": "tf32_tf32_f32,highest"})
+    fit_gmm.validate(cfg)

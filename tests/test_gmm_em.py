@@ -248,3 +248,38 @@ def test_save_load_gmm_roundtrip(tmp_path):
     np.testing.assert_array_equal(np.asarray(g4.variances), np.asarray(g.variances))
     with pytest.raises(FileNotFoundError):
         io.load_gmm(tmp_path / "nothing")
+
+
+def test_separate_e_and_m_step_precisions():
+    from jax import lax
+
+    assert em.step_precisions("highest") == (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+    assert em.step_precisions("tf32_tf32_f32, highest") == (lax.DotAlgorithmPreset.TF32_TF32_F32,
+                                                             lax.Precision.HIGHEST)
+    assert em.step_precisions(("default", "bf16_bf16_f32_x6")) == (lax.Precision.DEFAULT,
+                                                                   lax.DotAlgorithmPreset.BF16_BF16_F32_X6)
+    with pytest.raises(ValueError, match="E-step, M-step"):
+        em.step_precisions("highest,highest,highest")
+    with pytest.raises(ValueError, match="unknown precision"):
+        em.step_precisions("highest,fast")
+    # a pair of equal precisions is the single value, bit for bit (k-means++ init included)
+    x = np.random.default_rng(3).normal(size=(300, 6)).astype(np.float32)
+    g1, i1 = em.fit(x, 4, max_iter=3, tol=0.0, precision="highest")
+    g2, i2 = em.fit(x, 4, max_iter=3, tol=0.0, precision="highest,highest")
+    assert [h["lower_bound"] for h in i1["history"]] == [h["lower_bound"] for h in i2["history"]]
+    np.testing.assert_array_equal(np.asarray(g1.variances), np.asarray(g2.variances))
+
+
+def test_emulated_gemms_round_as_documented():
+    from mmfm_jax.bench.gmm_emulate import _tf32, emulated_gemm
+
+    one = np.float32(1.0)
+    ulp = np.float32(2.0 ** -10)  # TF32 keeps 10 mantissa bits
+    vals = np.array([one + ulp, one + ulp / 2, one + 3 * ulp / 2, one + ulp / 4], np.float32)
+    np.testing.assert_array_equal(np.asarray(_tf32(vals)), [one + ulp, one, one + 2 * ulp, one])  # nearest, ties even
+    r = np.random.default_rng(0)
+    a, b = r.normal(size=(16, 32)).astype(np.float32), r.normal(size=(8, 32)).astype(np.float32)
+    dims = (((1,), (1,)), ((), ()))
+    exact = a.astype(np.float64) @ b.T.astype(np.float64)
+    errs = {m: np.abs(np.asarray(emulated_gemm(m)(a, b, dims)) - exact).max() for m in ("f32", "tf32", "bf16x3")}
+    assert errs["f32"] < 1e-5 and errs["bf16x3"] < 1e-4 < errs["tf32"] < 5e-2, errs

@@ -2,6 +2,7 @@
 
 BENCHES: dict[str, str] = {
     "gmm": "mmfm_jax.bench.gmm",
+    "gmm_emulate": "mmfm_jax.bench.gmm_emulate",
     "train": "mmfm_jax.bench.train",
     "encode": "mmfm_jax.bench.encode",
     "sample": "mmfm_jax.bench.sample",

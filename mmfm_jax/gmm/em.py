@@ -183,10 +183,17 @@ def _kahan(carry: tuple, new: Any) -> tuple:
     return t, c
 
 
+def _gemm(a: jax.Array, b: jax.Array, dims: Any, precision: Any) -> jax.Array:
+    """The EM step's two GEMMs (``bench gmm_emulate`` swaps this to emulate other matmul algorithms on CPUs)."""
+    return lax.dot_general(a, b, dims, precision=precision)
+
+
 @functools.lru_cache(maxsize=32)
 def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk: int, k: int, d: int,
-                precision: Any) -> Callable:
-    """Jitted ``step(x, params, shift, reg_covar, nk_eps) -> (new_params, mean log-likelihood of params)``."""
+                precision: tuple[Any, Any]) -> Callable:
+    """Jitted ``step(x, params, shift, reg_covar, nk_eps) -> (new_params, mean log-likelihood of params)``.
+    ``precision``: ``(E-step GEMM, M-step GEMM)``."""
+    e_prec, m_prec = precision
     n_chunks = -(-local_len // chunk)
     dims_nt = (((1,), (1,)), ((), ()))  # a [C, 2D] . w [K, 2D] -> [C, K]
     dims_tn = (((0,), (0,)), ((), ()))  # r [C, K] . a [C, 2D] -> [K, 2D]
@@ -203,7 +210,7 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             start = jnp.minimum(i * chunk, local_len - chunk)
             xc = lax.dynamic_slice_in_dim(xl, start, chunk, 0).astype(jnp.float32) - shift
             a = jnp.concatenate([xc * xc, xc], axis=1)  # [C, 2D]
-            logits = const - 0.5 * lax.dot_general(a, w, dims_nt, precision=precision)
+            logits = const - 0.5 * _gemm(a, w, dims_nt, e_prec)
             rows = start + jnp.arange(chunk)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
             mx = jnp.max(logits, axis=1, keepdims=True)
@@ -211,7 +218,7 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             s = jnp.sum(e, axis=1)
             r = e * jnp.where(valid, 1.0 / s, 0.0)[:, None]
             lse = mx[:, 0] + jnp.log(s)
-            new = (jnp.sum(r, 0), lax.dot_general(r, a, dims_tn, precision=precision),
+            new = (jnp.sum(r, 0), _gemm(r, a, dims_tn, m_prec),
                    jnp.sum(jnp.where(valid, lse, 0.0)))
             return _kahan(carry, new), None
 
@@ -259,6 +266,19 @@ def matmul_precision(p: Any) -> Any:
     return p
 
 
+def step_precisions(p: Any) -> tuple[Any, Any]:
+    """``fit``'s ``precision`` -> ``(E-step GEMM, M-step GEMM)`` precisions: one value for both, or ``'E,M'`` /
+    a pair, e.g. ``'tf32_tf32_f32,highest'``."""
+    if isinstance(p, str) and "," in p:
+        p = tuple(x.strip() for x in p.split(","))
+    if isinstance(p, (tuple, list)):
+        if len(p) != 2:
+            raise ValueError(f"precision pair must be (E-step, M-step), got {p!r}")
+        return matmul_precision(p[0]), matmul_precision(p[1])
+    q = matmul_precision(p)
+    return q, q
+
+
 def _check_params(gmm: DiagGMM, k: int, d: int) -> None:
     shapes = (tuple(gmm.weights.shape), tuple(gmm.means.shape), tuple(gmm.variances.shape))
     if shapes != ((k,), (k, d), (k, d)):
@@ -292,9 +312,12 @@ def fit(
     ``init``: ``"k-means++"`` (sklearn semantics, seeded by ``seed``) or a ``DiagGMM`` used as the parameters of the
     first E-step (sklearn's ``weights_init``/``means_init``/``precisions_init = 1 / variances``).
     ``state``: resume an interrupted fit exactly (same data, mesh and arguments). ``on_iteration(it, lower_bound,
-    state)`` runs on the host after every iteration (1-based ``it``). ``precision``: of the two GEMMs (and the
-    k-means++ distances): ``highest`` = true fp32 (default); ``default`` lets GPUs use TF32 (not recommended: the
-    expanded quadratic form cancels); a ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3`` on GPUs.
+    state)`` runs on the host after every iteration (1-based ``it``). ``precision``: of the two GEMMs (the E-step's
+    also for the k-means++ distances): ``highest`` = true fp32 (default); ``default`` lets GPUs use TF32; a
+    ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3`` on GPUs; or ``'E,M'`` / a pair for the E-step and
+    M-step GEMMs separately. TF32 in both steps is wrong by tens of nats per sample (M-step rounding makes tiny
+    variances whose large precisions amplify the E-step's rounding); TF32 in the E-step alone with an accurate
+    M-step (``'tf32_tf32_f32,highest'``) stays within ~0.1 nats (README, "GMM EM").
     ``nk_eps``: sklearn's ``N_k += 10 eps``; the default is float32's eps (sklearn on float32 data, as in the
     official fit); it biases a component's variance up by about ``nk_eps / N_k * (mean - shift)^2`` (visible only
     for near-empty or collapsed components and in the k-means++ initial variances); ``10 * float64 eps`` gives
@@ -327,7 +350,8 @@ def fit(
             _check_params(init, k, d)
             params, how = replicate(init, mesh), "given"
         elif init == "k-means++":
-            init_indices = kmeanspp.kmeans_plusplus_indices(data, k, seed=seed, precision=precision)
+            init_indices = kmeanspp.kmeans_plusplus_indices(data, k, seed=seed,
+                                                             precision=step_precisions(precision)[0])
             params = kmeanspp.params_from_indices(data, init_indices, reg_covar=reg_covar, nk_eps=nk_eps)
             how = "k-means++"
         else:
@@ -335,7 +359,7 @@ def fit(
     jax.block_until_ready(params)
     init_seconds = time.perf_counter() - t0
     chunk = max(1, min(int(chunk_size), data.local_len))
-    step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, matmul_precision(precision))
+    step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, step_precisions(precision))
     shift, reg, nke = replicate((data.shift, np.float32(reg_covar), np.float32(nk_eps)), mesh)
     history: list[dict] = []
     it, lb = start, prev

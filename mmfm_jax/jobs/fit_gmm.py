@@ -32,6 +32,14 @@ DEFAULT_CONFIG = "fit_gmm.py:tiny"
 log = logging.getLogger("mmfm_jax")
 
 
+def _precision_ok(v: str) -> bool:
+    try:
+        em.step_precisions(v)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     validate_base(cfg)
     official = bool(cfg.import_official.cls_pkl)
@@ -48,6 +56,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check(cfg, "gmm.init", lambda v: v in ("k-means++", "random_from_data"), "must be 'k-means++'")
         check_positive(cfg, "data.batch_size")
         check_choice(cfg, "spatial.shift", ("none", "mean"))
+        check(cfg, "gmm.precision", _precision_ok, "must be highest | high | default | a lax.DotAlgorithmPreset "
+              "name, or 'E,M' for the E-step and M-step GEMMs (e.g. 'tf32_tf32_f32,highest')")
     check(cfg, "latent.grid", lambda v: len(v) == 2 and all(int(g) > 0 for g in v), "must be (H, W)")
 
 
@@ -107,7 +117,7 @@ def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[d
 
     gmm, info = em.fit(cls, int(g.n_components), mesh=ctx.mesh, seed=int(g.seed), init=g.init,
                        max_iter=int(g.max_iter), tol=float(g.tol), reg_covar=float(g.reg_covar),
-                       chunk_size=int(g.chunk_size), state=state, on_iteration=on_iteration)
+                       chunk_size=int(g.chunk_size), state=state, on_iteration=on_iteration, precision=g.precision)
     ctx_progress.close()
     return gmm, info
 
