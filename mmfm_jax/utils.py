@@ -111,7 +111,7 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
 
 
 # XLA options that ``'auto'`` adds per backend. GPU: cuBLAS for every GEMM instead of XLA's Triton GEMM fusions,
-# measured on an H100 (DiTDH-XL bf16 train step: +12% to +17% throughput; README "Benchmarks").
+# measured on an H100 (DiTDH-XL bf16 train step: +7% to +14% throughput; README "Benchmarks").
 AUTO_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"gpu": {"xla_gpu_enable_triton_gemm": False}}
 
 
