@@ -1,4 +1,4 @@
-"""Reading torch ``.pt`` files without torch: a fake ``torch`` module checks the weights_only / allowlist retry /
+"""Reading torch ``.pt`` files without torch: a fake ``torch`` module checks the weights_only / allowlist /
 trust_pickle logic, the state-dict selection and the error messages (the real-torch check is launch/verify_torch_pt.py).
 """
 
@@ -125,14 +125,14 @@ def test_trust_pickle_env_rejects_other_values(monkeypatch):
         trust_pickle_from_env()
 
 
-def test_namespace_retried_with_allowlist_and_ema_selected(pt):
+def test_namespace_allowlisted_in_one_read_and_ema_selected(pt):
     path, torch = pt(training_checkpoint(), needs=["argparse.Namespace"])
     sd = load_state_dict(path)
     assert sorted(sd) == ["b", "w"]
     np.testing.assert_array_equal(sd["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert sd["b"].dtype == np.float32 and sd["b"].tolist() == [1.5]  # bf16 -> float32
     assert [(c["weights_only"], c["allowed"], c["map_location"]) for c in torch.calls] == [
-        (True, [], "cpu"), (True, ["argparse.Namespace"], "cpu")]
+        (True, ["argparse.Namespace"], "cpu")]  # one read (an XL training checkpoint is ~13 GB)
     # no ema: model; prefer_ema=False: model even when ema is there
     ck = training_checkpoint()
     assert load_state_dict(path, prefer_ema=False)["w"].sum() == 0
@@ -149,8 +149,8 @@ def test_other_global_refused_with_trust_pickle_hint(pt):
     msg = str(e.value)
     assert str(path) in msg and "mypkg.Custom" in msg and "argparse.Namespace" not in msg
     assert "trust_pickle=True" in msg and "MMFM_TRUST_PICKLE=1" in msg and "weights_only=False" in msg
-    assert [c["weights_only"] for c in torch.calls] == [True, True]
-    # the first refusal names a global we would not allowlist: no second (pointless, slow) read
+    assert [c["weights_only"] for c in torch.calls] == [True]
+    # whatever the order of the globals in the file: one read
     path, torch = pt(ck, needs=["mypkg.Custom", "argparse.Namespace"])
     with pytest.raises(CheckpointError, match="refused the global"):
         torch_load(path)

@@ -4,7 +4,7 @@
 ``.safetensors`` and ``.npz`` (no torch) into ``{key: np.ndarray}``. ``KeyTracker`` hands out tensors by official
 key with shape checks, and at the end fails naming every official key that was neither used nor explained.
 
-Torch files are read by :func:`torch_load`: ``weights_only=True`` (no code runs), retried with the globals in
+Torch files are read by :func:`torch_load`: ``weights_only=True`` (no code runs) with the globals in
 ``SAFE_GLOBALS`` (``argparse.Namespace``: the ``args`` entry of DiT/RAE training checkpoints) allowlisted; any other
 refused global is a ``CheckpointError`` naming it. ``trust_pickle=True`` (or ``MMFM_TRUST_PICKLE=1``) loads with
 ``weights_only=False``, which can run arbitrary code: only for files you trust.
@@ -13,6 +13,7 @@ refused global is a ``CheckpointError`` naming it. ``trust_pickle=True`` (or ``M
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -63,7 +64,7 @@ def _refusal(e: BaseException) -> str | None:
 
 def _refused_globals(torch: Any, path: Path, message: str, skip: Sequence[str]) -> list[str]:
     """Globals torch refused: those its message names, then (torch >= 2.6) every unsafe global a static scan of the
-    file finds, minus ``skip`` (the ones we allowlisted in the retry)."""
+    file finds, minus ``skip`` (the ones the read allowlisted)."""
     names = _REFUSED_RE.findall(message)
     scan = getattr(getattr(torch, "serialization", None), "get_unsafe_globals_in_checkpoint", None)
     if scan is not None:
@@ -77,34 +78,25 @@ def _refused_globals(torch: Any, path: Path, message: str, skip: Sequence[str]) 
 def torch_load(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """``torch.load`` onto the CPU without running code from the file.
 
-    1. ``weights_only=True``; 2. if that refuses one of ``SAFE_GLOBALS``, again inside
-    ``torch.serialization.safe_globals(SAFE_GLOBALS)`` (torch >= 2.5); 3. otherwise ``CheckpointError`` naming the file
-    and the refused global(s). ``trust_pickle=True`` or ``MMFM_TRUST_PICKLE=1`` uses ``weights_only=False`` instead
+    One read with ``weights_only=True`` and ``SAFE_GLOBALS`` allowlisted (``torch.serialization.safe_globals``,
+    torch >= 2.5; older torch: nothing allowlisted); any other refused global is a ``CheckpointError`` naming the file
+    and the global(s). ``trust_pickle=True`` or ``MMFM_TRUST_PICKLE=1`` uses ``weights_only=False`` instead
     (arbitrary code execution: only for files you trust). Without torch: ``CheckpointError``.
     """
     path = Path(path)
     torch = _import_torch(path)
     if trust_pickle or trust_pickle_from_env():
         return torch.load(str(path), map_location="cpu", weights_only=False)
+    safe_globals = getattr(getattr(torch, "serialization", None), "safe_globals", None)
+    allow = safe_globals(list(SAFE_GLOBALS)) if safe_globals is not None else contextlib.nullcontext()
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with allow:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         message = _refusal(e)  # keep only the text: the traceback holds every tensor read so far
         if message is None:
             raise
-    safe = [_global_name(g) for g in SAFE_GLOBALS]
-    safe_globals = getattr(getattr(torch, "serialization", None), "safe_globals", None)
-    first = _REFUSED_RE.findall(message)
-    skip = safe if safe_globals is not None else []  # globals the retry allowlists are not the problem
-    if safe_globals is not None and (not first or first[0] in safe):
-        try:
-            with safe_globals(list(SAFE_GLOBALS)):
-                return torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            second = _refusal(e)
-            if second is None:
-                raise
-        message = second
+    skip = [_global_name(g) for g in SAFE_GLOBALS] if safe_globals is not None else []  # allowlisted: not the problem
     names = _refused_globals(torch, path, message, skip)
     if names:
         what = f"the global(s) {', '.join(names)}"
