@@ -17,6 +17,8 @@ import time
 import jax
 import numpy as np
 
+from mmfm_jax.utils import parse_compiler_options
+
 
 def _setup(args):
     from pathlib import Path
@@ -29,7 +31,7 @@ def _setup(args):
     from mmfm_jax.models.ditdh import DiTDH, ditdh_flops_per_example
     from mmfm_jax.train.optim import optimizer_from_config
     from mmfm_jax.train.state import create_train_state
-    from mmfm_jax.train.step import make_train_step, parse_compiler_options
+    from mmfm_jax.train.step import make_train_step
 
     cfg_path = args.config
     if not cfg_path.startswith("/"):
@@ -96,8 +98,6 @@ def _time(step, state, batch, source, steps: int):
 
 
 def main(argv: list[str]) -> None:
-    from mmfm_jax.train.step import parse_compiler_options
-
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench train")
     p.add_argument("--config", default="configs/train.py:xl_mode")
     p.add_argument("--batch", type=int, default=0, help="global batch; 0 = search the largest that fits")

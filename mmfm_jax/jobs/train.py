@@ -32,8 +32,8 @@ from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from mmfm_jax.train.optim import optimizer_from_config
 from mmfm_jax.train.state import param_count, state_initializer
-from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, parse_compiler_options, put_batch
-from mmfm_jax.utils import progress
+from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
+from mmfm_jax.utils import parse_compiler_options, progress
 
 DEFAULT_CONFIG = "train.py:tiny"
 log = logging.getLogger("mmfm_jax.train")
@@ -84,7 +84,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg, "train.max_consecutive_nonfinite", lambda v: v >= 1, "must be >= 1")
     check(cfg, "train.peak_tflops_per_device", lambda v: v > 0, "must be > 0")
     check(cfg, "train.compiler_options", lambda v: parse_compiler_options(v) is not None,
-          "must be 'name=value,...' (XLA options for jax.jit)")
+          "must be 'auto' and/or 'name=value,...' (XLA options for jax.jit)")
     for k in ("initial_lr", "base_lr", "final_lr"):
         check(cfg, f"train.{k}", lambda v: v >= 0, "must be >= 0")
     check_choice(cfg, "adaptive.weight_by", ("mode", "label"))

@@ -41,7 +41,6 @@ from mmfm_jax.gmm.source import ModeSource, _draw, sample_source
 from mmfm_jax.train import adaptive as adaptive_lib
 from mmfm_jax.train.optim import ema_update
 from mmfm_jax.train.state import ModelDef, TrainState
-from mmfm_jax.utils import parse_compiler_options  # noqa: F401  (re-exported: jobs/train, bench)
 
 TIME_STREAM = 2
 BRIDGE_STREAM = 3  # GM head: the bridge noise of x_low
