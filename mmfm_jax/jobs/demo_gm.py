@@ -30,6 +30,7 @@ from mmfm_jax.data import digits
 from mmfm_jax.flow import gmflow
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
 from mmfm_jax.jobs.demo import SETTINGS, _setting_config, build_trainer, draw_source, fit_source, prepare, score
+from mmfm_jax.jobs.gm_report import METHODS, gm_beats_euler, steps_table
 from mmfm_jax.jobs.train import validate_gm_train
 from mmfm_jax.train.step import mode_gaussian, put_batch
 from mmfm_jax.utils import progress, write_json_atomic
@@ -37,11 +38,6 @@ from mmfm_jax.utils import progress, write_json_atomic
 log = logging.getLogger("mmfm_jax")
 _COMPILER_OPTIONS: dict = {}
 HEADS = ("velocity", "gm")
-# method -> (model head, solver, order)
-METHODS = {"euler": ("velocity", "euler", 1), "euler_gm_mean": ("gm", "euler", 1), "gm_ode": ("gm", "ode", 1),
-           "gm_ode2": ("gm", "ode", 2), "gm_sde": ("gm", "sde", 1), "gm_sde2": ("gm", "sde", 2)}
-LABELS = {"euler": "Euler (velocity model)", "euler_gm_mean": "Euler (GM model's mean)", "gm_ode": "GM-ODE",
-          "gm_ode2": "GM-ODE 2", "gm_sde": "GM-SDE", "gm_sde2": "GM-SDE 2"}
 SETTING_LABELS = {"gaussian": "Gaussian", "gmm_indep": "GMM, indep. coupling", "gmm_mode": "GMM + mode coupling",
                   "gmm_mode_cond": "GMM + mode coupling (mode-cond.)"}
 
@@ -176,30 +172,15 @@ def run_gm_steps(cfg, ctx) -> dict[str, Any]:
 
 def beats(res: dict) -> dict[str, bool]:
     """Per setting: does the best GM solver have a lower FD than Euler (velocity model) at every N <= 8?"""
-    out = {}
-    for name, r in res["fd"].items():
-        gm = [m for m in r if m.startswith("gm_")]
-        steps = [s for s in res["steps"] if s <= 8]
-        if "euler" in r and gm and steps:
-            out[name] = all(min(r[m][str(s)]["fd"] for m in gm) < r["euler"][str(s)]["fd"] for s in steps)
-    return out
+    return gm_beats_euler(res["fd"], res["steps"], lambda c: c["fd"])
 
 
 def table(res: dict) -> str:
-    steps = res["steps"]
-    rows = ["| Source | Method | " + " | ".join(f"N = {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
-    for name, r in res["fd"].items():
-        for m in res["methods"]:
-            if m in r:
-                rows.append(f"| {SETTING_LABELS[name]} | {LABELS[m]} | "
-                            + " | ".join(f"{r[m][str(s)]['fd']:.2f}" for s in steps) + " |")
-        if "euler_ref" in r:
-            ref = r["euler_ref"][str(res["ref_steps"])]["fd"]
-            rows.append(f"| {SETTING_LABELS[name]} | Euler, {res['ref_steps']} steps (reference) | "
-                        + " | ".join([f"{ref:.2f}"] * len(steps)) + " |")
-    rows.append("| held-out digits (floor) | – | " + " | ".join([f"{res['fd_test_vs_train']:.2f}"] * len(steps))
-                + " |")
-    return "\n".join(rows)
+    def fd(c):
+        return f"{c['fd']:.2f}"
+
+    return steps_table(res["fd"], res["steps"], res["methods"], SETTING_LABELS, fd, fd, res["ref_steps"],
+                       "held-out digits", f"{res['fd_test_vs_train']:.2f}")
 
 
 def markdown(cfg, res: dict) -> str:

@@ -36,17 +36,13 @@ from mmfm_jax.flow.loss import fm_loss_per_sample, interpolate
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
 from mmfm_jax.flow.time import sample_time_per_example
 from mmfm_jax.gmm.source import ModeSource, example_keys, sample_prior, sample_source
+from mmfm_jax.jobs.gm_report import METHODS, gm_beats_euler, steps_table
 from mmfm_jax.models.mlp import MLPVelocity
 from mmfm_jax.utils import progress
 
 log = logging.getLogger("mmfm_jax")
 SOURCES = ("gaussian", "gmm_mode")
 HEADS = ("velocity", "gm")
-# method -> (model head, solver, order); 'euler' is the velocity model's Euler
-METHODS = {"euler": ("velocity", "euler", 1), "euler_gm_mean": ("gm", "euler", 1), "gm_ode": ("gm", "ode", 1),
-           "gm_ode2": ("gm", "ode", 2), "gm_sde": ("gm", "sde", 1), "gm_sde2": ("gm", "sde", 2)}
-LABELS = {"euler": "Euler (velocity model)", "euler_gm_mean": "Euler (GM model's mean)", "gm_ode": "GM-ODE",
-          "gm_ode2": "GM-ODE 2", "gm_sde": "GM-SDE", "gm_sde2": "GM-SDE 2"}
 SOURCE_LABELS = {"gaussian": "Gaussian", "gmm_mode": "GMM + mode coupling (mode-cond.)"}
 
 
@@ -215,30 +211,13 @@ def _mean(v: list[float]) -> float:
 
 def beats(res: dict) -> dict[str, bool]:
     """Per source: does the best GM solver have a lower mean W2^2 than Euler at every N <= 8?"""
-    out = {}
-    for src, r in res["w2"].items():
-        gm = [m for m in r if m.startswith("gm_")]
-        steps = [s for s in res["steps"] if s <= 8]
-        if "euler" in r and gm and steps:
-            out[src] = all(min(_mean(r[m][str(s)]) for m in gm) < _mean(r["euler"][str(s)]) for s in steps)
-    return out
+    return gm_beats_euler(res["w2"], res["steps"], _mean)
 
 
 def table(res: dict) -> str:
-    steps = res["steps"]
-    rows = ["| Source | Method | " + " | ".join(f"N = {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
-    for src, r in res["w2"].items():
-        for m in res["methods"]:
-            if m in r:
-                cells = [f"{_mean(r[m][str(s)]):.3f} ± {np.std(r[m][str(s)]):.3f}" for s in steps]
-                rows.append(f"| {SOURCE_LABELS[src]} | {LABELS[m]} | " + " | ".join(cells) + " |")
-        if "euler_ref" in r:
-            ref = r["euler_ref"][str(res["ref_steps"])]
-            rows.append(f"| {SOURCE_LABELS[src]} | Euler, {res['ref_steps']} steps (reference) | "
-                        + " | ".join([f"{_mean(ref):.3f}"] * len(steps)) + " |")
-    rows.append("| target vs target (floor) | – | " + " | ".join(
-        [f"{res['w2_floor_mean']:.3f}"] * len(steps)) + " |")
-    return "\n".join(rows)
+    return steps_table(res["w2"], res["steps"], res["methods"], SOURCE_LABELS,
+                       lambda v: f"{_mean(v):.3f} ± {np.std(v):.3f}", lambda v: f"{_mean(v):.3f}", res["ref_steps"],
+                       "target vs target", f"{res['w2_floor_mean']:.3f}")
 
 
 def markdown(cfg, res: dict) -> str:
