@@ -109,7 +109,7 @@ def torch_load(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
         "trust.")
 
 
-def _torch_to_numpy(value: Any, key: str, source: str | os.PathLike) -> np.ndarray:
+def torch_to_numpy(value: Any, key: str, source: str | os.PathLike) -> np.ndarray:
     """One state-dict tensor -> numpy on the CPU (bf16 and other dtypes numpy lacks -> float32); a non-tensor value
     is a ``CheckpointError`` naming ``key``."""
     import torch
@@ -157,7 +157,7 @@ def load_state_dict(path: str | os.PathLike, prefix: str = "", prefer_ema: bool 
     try:
         if suffix in (".pt", ".pth", ".bin", ".ckpt"):
             obj = select_state_dict(torch_load(path, trust_pickle=trust_pickle), prefer_ema, path)
-            sd = {k: _torch_to_numpy(v, k, path) for k, v in obj.items()}
+            sd = {k: torch_to_numpy(v, k, path) for k, v in obj.items()}
         elif suffix == ".safetensors":
             from safetensors.numpy import load_file
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfm_jax.convert.common import CheckpointError, _torch_to_numpy, torch_load
+from mmfm_jax.convert.common import CheckpointError, torch_load, torch_to_numpy
 
 NORM_EPS = 1e-5
 
@@ -101,9 +101,9 @@ def import_official_stats(path: str | os.PathLike, trust_pickle: bool = False) -
     if not isinstance(obj, Mapping) or obj.get("var") is None:
         raise CheckpointError(f"{path}: expected a dict with a 'var' tensor (and 'mean'), got {type(obj).__name__}"
                               + (f" with keys {sorted(map(str, obj))}" if isinstance(obj, Mapping) else ""))
-    var = np.asarray(_torch_to_numpy(obj["var"], "var", path), np.float32)
+    var = np.asarray(torch_to_numpy(obj["var"], "var", path), np.float32)
     mean = obj.get("mean")
-    mean = None if mean is None else np.asarray(_torch_to_numpy(mean, "mean", path), np.float32)
+    mean = None if mean is None else np.asarray(torch_to_numpy(mean, "mean", path), np.float32)
     if var.ndim != 3 or (mean is not None and mean.shape != var.shape):
         raise CheckpointError(f"{path}: expected 'var' [C, H, W] and 'mean' None or the same shape, got "
                               f"{var.shape} and {None if mean is None else mean.shape}")
