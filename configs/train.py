@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         kind="latents", path="", normalize=False, shuffle=True, num_threads=2, prefetch=2,
         synthetic_size=256, synthetic_cls_dim=8, synthetic_nan=False))
     c.source = ml_collections.ConfigDict(dict(
-        kind="gmm_mode", path="", assignment="soft", temperature=1.0, y_from="mode", shard_table=True))
+        kind="gmm_mode", path="", assignment="soft", temperature=1.0, y_from="mode", shard_table=True,
+        table_dtype="float32"))  # 'bfloat16' halves the spatial table's memory (XL: 6.4 -> 3.2 GB)
     c.train = ml_collections.ConfigDict(dict(
         num_steps=100_000, global_batch_size=1024, grad_accum_steps=32, steps_per_epoch=STEPS_PER_EPOCH,
         initial_phase_steps=epochs_to_steps(20, STEPS_PER_EPOCH),
@@ -57,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_grad=1.0,
         initial_ema_decay=0.999, ema_decay=0.9995,
         compute_dtype="bfloat16",
+        adam_mu_dtype="float32",  # 'bfloat16': Adam's first moment in bf16 (XL: saves 1.7 GB)
         time_kind="logit_normal", time_mean=0.0, time_std=1.0, t_max=0.999,
         time_shift=0.0, time_shift_base=4096,  # 0 = sqrt(L * C / base) (sqrt(48) for 256 x 768)
         max_consecutive_nonfinite=20, peak_tflops_per_device=989.0,

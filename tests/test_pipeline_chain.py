@@ -25,7 +25,8 @@ def test_encode_fit_gmm_train_chain(tmp_path, repo_dir):
         "data.kind": "latents", "data.path": str(lat_dir), "data.normalize": True,
         "model.in_channels": 48, "model.input_size": 2, "model.num_modes": 3, "model.use_y_conditioning": True,
         "source.kind": "gmm_mode", "source.path": str(tmp_path / "gmm" / "source"), "source.y_from": "mode",
-        "train.num_steps": 3, "checkpoint.every_steps": 3})
+        "train.num_steps": 3, "checkpoint.every_steps": 3,
+        "source.table_dtype": "bfloat16", "train.adam_mu_dtype": "bfloat16"})  # the memory-saving options
     s_tr = run_job("train", tr, tmp_path / "train")
     assert s_tr["final_step"] == 3 and s_tr["source"] == "gmm_mode" and s_tr["y_from"] == "mode"
     assert np.isfinite(s_tr["loss"])

@@ -170,3 +170,28 @@ def test_save_load_roundtrip(tmp_path):
     np.testing.assert_array_equal(np.asarray(back3.means)[:13], np.asarray(src.means))
     with pytest.raises(FileNotFoundError):
         S.load_source(tmp_path / "nothing")
+
+
+def test_cast_table_bf16_keeps_sharding_and_draws():
+    mesh = parallel.make_mesh((8, 1))
+    src = _source(16, seed=3)
+    sharded = S.shard_source(S.ModeSource(gmm=src.gmm, means=np.asarray(src.means),
+                                          variances=np.asarray(src.variances)), mesh)
+    half = S.cast_table(sharded, "bfloat16")
+    assert half.means.dtype == jnp.bfloat16 and half.variances.dtype == jnp.float32
+    assert half.means.sharding.is_equivalent_to(sharded.means.sharding, 3)
+    assert S.cast_table(sharded, "float32") is sharded  # already fp32: unchanged
+    np.testing.assert_array_equal(np.asarray(half.means.astype(jnp.float32)),
+                                  np.asarray(sharded.means).astype(jnp.bfloat16).astype(np.float32))
+    b = 16
+    k = jax.device_put(jnp.arange(b, dtype=jnp.int32) % 16, parallel.batch_sharding(mesh))
+    keys = _keys(b, 4)
+    z32 = np.asarray(S.draw_from_modes_sharded(sharded, k, keys, mesh))
+    z16 = jax.jit(lambda s, kk, ky: S.draw_from_modes_sharded(s, kk, ky, mesh))(half, k, keys)
+    assert z16.dtype == jnp.float32  # the draw is combined in fp32
+    # same eps; the means differ only by their bf16 rounding (<= 2^-9 relative)
+    bound = np.abs(np.asarray(src.means))[np.asarray(k)] * 2.0 ** -8 + 1e-6
+    assert np.all(np.abs(np.asarray(z16) - z32) <= bound)
+    host = S.cast_table(S.ModeSource(gmm=src.gmm, means=np.asarray(src.means), variances=np.asarray(src.variances)),
+                        jnp.bfloat16)
+    assert isinstance(host.means, np.ndarray) and host.means.dtype == jnp.bfloat16

@@ -243,3 +243,35 @@ def test_compiler_options_auto_per_backend():
     assert parse_compiler_options("") == {}
     with pytest.raises(ValueError, match="expected name=value or 'auto'"):
         parse_compiler_options("fast")
+
+
+def test_adam_mu_dtype_and_memory_options_are_validated(repo_dir):
+    import ml_collections
+    import optax
+
+    from mmfm_jax.config_utils import ConfigError, load_config
+    from mmfm_jax.jobs import train as train_job
+
+    t = ml_collections.ConfigDict(dict(initial_lr=1e-3, base_lr=1e-3, final_lr=1e-3, initial_phase_steps=0,
+                                       decay_start_steps=0, decay_end_steps=1, schedule="linear", b1=0.9, b2=0.95,
+                                       eps=1e-8, weight_decay=0.0, clip_grad=1.0, initial_ema_decay=0.9,
+                                       ema_decay=0.9, adam_mu_dtype="bfloat16"))
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    tx, _, _ = optim.optimizer_from_config(t)
+    adam = next(s for s in jax.tree.leaves(tx.init(params), is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState))
+    assert {a.dtype for a in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {a.dtype for a in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    g = {"w": jnp.full((3, 2), 0.5), "b": jnp.ones(2)}
+    upd, _ = tx.update(g, tx.init(params), params)
+    t32 = ml_collections.ConfigDict(t.to_dict())
+    t32.adam_mu_dtype = "float32"
+    tx32, _, _ = optim.optimizer_from_config(t32)
+    upd32, _ = tx32.update(g, tx32.init(params), params)
+    for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd32)):  # first step: bf16 rounding of mu only
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=1e-2)
+    for key, bad in (("train.adam_mu_dtype", "float16"), ("source.table_dtype", "int8")):
+        cfg = load_config(f"{repo_dir}/configs/train.py:tiny", {key: bad})
+        with pytest.raises(ConfigError, match=f"config.{key}"):
+            train_job.validate(cfg)

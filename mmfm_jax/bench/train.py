@@ -26,7 +26,7 @@ def _setup(args):
     from mmfm_jax import parallel
     from mmfm_jax.config_utils import load_config
     from mmfm_jax.gmm.diag import DiagGMM
-    from mmfm_jax.gmm.source import ModeSource, shard_source
+    from mmfm_jax.gmm.source import ModeSource, cast_table, shard_source
     from mmfm_jax.jobs.train import model_config, step_config
     from mmfm_jax.models.ditdh import DiTDH, ditdh_flops_per_example
     from mmfm_jax.train.optim import optimizer_from_config
@@ -52,6 +52,7 @@ def _setup(args):
                       np.ones((k, d), np.float32))
         table = np.zeros((k, tokens, ch), np.float32)
         source = shard_source(ModeSource(gmm, table, np.ones(k, np.float32)), mesh)
+        source = cast_table(source, cfg.source.table_dtype)
     scfg = step_config(cfg, (tokens, ch), k)
     tx, lr_fn, ema_fn = optimizer_from_config(cfg.train)
     state, sh, mdef = create_train_state(lambda rr: DiTDH(mcfg, rr), tx, mesh, 0, scfg.adaptive.num_modes)
@@ -97,6 +98,15 @@ def _time(step, state, batch, source, steps: int):
     return state, (time.perf_counter() - t0) / steps, float(m["loss"])
 
 
+def _peak_memory() -> str:
+    """``'  peak X GiB of Y GiB'`` from the first local device's allocator statistics ('' where there are none)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return ""
+    limit = stats.get("bytes_limit", 0)
+    return f"  peak {stats['peak_bytes_in_use'] / 2**30:.1f} GiB" + (f" of {limit / 2**30:.1f}" if limit else "")
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench train")
     p.add_argument("--config", default="configs/train.py:xl_mode")
@@ -138,7 +148,7 @@ def main(argv: list[str]) -> None:
         tflops = 3 * fwd_flops * ips / n_dev / 1e12
         row = dict(batch=g, sec_per_step=sec, images_per_s=ips, tflops_per_device=tflops, mfu=tflops / args.peak)
         print(f"batch {g:5d}: {sec * 1e3:9.1f} ms/step  {ips:9.1f} img/s  {tflops:7.1f} TFLOP/s/device  "
-              f"MFU {100 * row['mfu']:5.1f}%  (loss {loss:.4f})")
+              f"MFU {100 * row['mfu']:5.1f}%  (loss {loss:.4f}){_peak_memory()}")
         best = row
     if best:
         print(f"\nbest: batch {best['batch']}, {best['images_per_s']:.1f} img/s, "

@@ -26,7 +26,7 @@ from mmfm_jax.config_utils import ConfigError, check, check_choice, validate_bas
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.flow.gmflow import validate_gm_source
 from mmfm_jax.flow.time import TIME_KINDS, resolution_shift
-from mmfm_jax.gmm.source import ModeSource, load_source, shard_source
+from mmfm_jax.gmm.source import ModeSource, cast_table, load_source, shard_source
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
 from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
@@ -39,9 +39,10 @@ DEFAULT_CONFIG = "train.py:tiny"
 log = logging.getLogger("mmfm_jax.train")
 _COMPILED: dict[Any, Any] = {}
 # the config.train fields the compiled init/step depend on (beyond the model and step configs)
+TABLE_DTYPES = ("float32", "bfloat16")
 _PROGRAM_KEYS = ("initial_lr", "base_lr", "final_lr", "initial_phase_steps", "decay_start_steps", "decay_end_steps",
                  "schedule", "b1", "b2", "eps", "weight_decay", "clip_grad", "initial_ema_decay", "ema_decay",
-                 "compiler_options")
+                 "compiler_options", "adam_mu_dtype")
 
 
 class NonFiniteError(RuntimeError):
@@ -66,6 +67,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check_choice(cfg, "source.kind", ("gaussian", "gmm_indep", "gmm_mode"))
     check_choice(cfg, "source.assignment", ("soft", "hard"))
     check_choice(cfg, "source.y_from", ("none", "mode", "label"))
+    check_choice(cfg, "source.table_dtype", TABLE_DTYPES)
+    check_choice(cfg, "train.adam_mu_dtype", ("float32", "bfloat16"))
     if cfg.source.kind != "gaussian":
         check(cfg, "source.path", lambda v: bool(v), "must name a ModeSource folder (fit-gmm) for a GMM source")
     if cfg.source.y_from == "mode":
@@ -176,6 +179,8 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
     elif source is not None and isinstance(source.means, np.ndarray):
         source = shard_source(source, mesh)
     _check_shapes(ds, mcfg, source, cfg)
+    if source is not None:
+        source = cast_table(source, cfg.source.get("table_dtype", "float32"))
     num_modes = source.n_modes if source is not None and cfg.adaptive.weight_by == "mode" else mcfg.num_modes
     scfg = step_config(cfg, tuple(ds.latent_shape), num_modes)
     tx, lr_fn, ema_fn = optimizer_from_config(t)
@@ -185,7 +190,7 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
 
     kmodes = scfg.adaptive.num_modes
     copts = parse_compiler_options(t.compiler_options)
-    key = (mcfg, scfg, tuple(t[k] for k in _PROGRAM_KEYS), mesh, tuple(sorted(rules.items())), cfg.seed, kmodes)
+    key = (mcfg, scfg, tuple(t.get(k) for k in _PROGRAM_KEYS), mesh, tuple(sorted(rules.items())), cfg.seed, kmodes)
     if key not in _COMPILED:  # reuse compiled init/step across runs in one process (demo, tests)
         init, shardings, mdef = state_initializer(make_model, tx, mesh, cfg.seed, kmodes, rules, copts)
         _COMPILED[key] = (init, shardings, mdef,
