@@ -11,6 +11,7 @@ from sklearn.mixture import GaussianMixture
 
 from mmfm_jax import parallel
 from mmfm_jax.gmm import diag, em, io, kmeanspp
+from mmfm_jax.gmm.precision import step_precisions
 
 F64_NK_EPS = 10 * float(np.finfo(np.float64).eps)
 
@@ -253,15 +254,15 @@ def test_save_load_gmm_roundtrip(tmp_path):
 def test_separate_e_and_m_step_precisions():
     from jax import lax
 
-    assert em.step_precisions("highest") == (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
-    assert em.step_precisions("tf32_tf32_f32, highest") == (lax.DotAlgorithmPreset.TF32_TF32_F32,
+    assert step_precisions("highest") == (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+    assert step_precisions("tf32_tf32_f32, highest") == (lax.DotAlgorithmPreset.TF32_TF32_F32,
                                                              lax.Precision.HIGHEST)
-    assert em.step_precisions(("default", "bf16_bf16_f32_x6")) == (lax.Precision.DEFAULT,
+    assert step_precisions(("default", "bf16_bf16_f32_x6")) == (lax.Precision.DEFAULT,
                                                                    lax.DotAlgorithmPreset.BF16_BF16_F32_X6)
     with pytest.raises(ValueError, match="E-step, M-step"):
-        em.step_precisions("highest,highest,highest")
+        step_precisions("highest,highest,highest")
     with pytest.raises(ValueError, match="unknown precision"):
-        em.step_precisions("highest,fast")
+        step_precisions("highest,fast")
     # a pair of equal precisions is the single value, bit for bit (k-means++ init included)
     x = np.random.default_rng(3).normal(size=(300, 6)).astype(np.float32)
     g1, i1 = em.fit(x, 4, max_iter=3, tol=0.0, precision="highest")
@@ -283,3 +284,34 @@ def test_emulated_gemms_round_as_documented():
     exact = a.astype(np.float64) @ b.T.astype(np.float64)
     errs = {m: np.abs(np.asarray(emulated_gemm(m)(a, b, dims)) - exact).max() for m in ("f32", "tf32", "bf16x3")}
     assert errs["f32"] < 1e-5 and errs["bf16x3"] < 1e-4 < errs["tf32"] < 5e-2, errs
+
+
+def test_fused_bf16x3_gemms_and_fit():
+    from mmfm_jax.bench.gmm_emulate import emulated_gemm
+    from mmfm_jax.gmm import precision as gp
+
+    r = np.random.default_rng(5)
+    a, w = r.normal(size=(64, 48)).astype(np.float32), r.normal(size=(32, 48)).astype(np.float32)
+    resp = r.uniform(size=(64, 32)).astype(np.float32)
+    fused = gp.step_precisions("bf16x3_fused")
+    assert fused == (gp.FUSED_BF16X3, gp.FUSED_BF16X3)
+    w3 = gp.prepare_e_weights(w, gp.FUSED_BF16X3)
+    assert w3.shape == (32, 144) and w3.dtype == np.dtype("bfloat16")  # [w_hi, w_hi, w_lo], split once
+    got_e = np.asarray(gp.e_step_gemm(a, w3, gp.FUSED_BF16X3))
+    got_m = np.asarray(gp.m_step_gemm(resp, a, gp.FUSED_BF16X3))
+    exact_e = a.astype(np.float64) @ w.T.astype(np.float64)
+    exact_m = resp.T.astype(np.float64) @ a.astype(np.float64)
+    # the 3-pass split: ~2^-16 relative per product (single bf16: ~2^-8), as the documented emulation
+    for got, exact, dims, x, y in ((got_e, exact_e, gp.DIMS_NT, a, w), (got_m, exact_m, gp.DIMS_TN, resp, a)):
+        scale = np.abs(x).max() * np.abs(y).max() * x.shape[1 if dims == gp.DIMS_NT else 0]
+        assert np.abs(got - exact).max() < 2.0 ** -15 * scale
+        np.testing.assert_allclose(got, np.asarray(emulated_gemm("bf16x3")(x, y, dims)), atol=2.0 ** -20 * scale)
+    assert gp.lax_precision(gp.FUSED_BF16X3) == jax.lax.Precision.HIGHEST  # k-means++ distances stay fp32
+    # a whole fit: close to fp32 from the same k-means++ start
+    x = np.concatenate([r.normal(size=(200, 6)) + 6.0 * c for c in range(3)]).astype(np.float32)
+    g32, i32 = em.fit(x, 3, max_iter=5, tol=0.0, precision="highest")
+    g16, i16 = em.fit(x, 3, max_iter=5, tol=0.0, precision="bf16x3_fused")
+    assert i16["init_indices"] == i32["init_indices"]
+    np.testing.assert_allclose([h["lower_bound"] for h in i16["history"]],
+                               [h["lower_bound"] for h in i32["history"]], rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(g16.means), np.asarray(g32.means), rtol=1e-3, atol=1e-3)

@@ -34,8 +34,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=4096, help="rows per chunk per device")
     p.add_argument("--devices", type=int, default=0, help="CPU only: number of CPU devices (0: jax default)")
     p.add_argument("--precision", default="highest",
-                   help="highest | high | default | a lax.DotAlgorithmPreset name (e.g. tf32_tf32_f32_x3 on GPUs); "
-                        "'E,M' for the E-step and M-step GEMMs separately")
+                   help="highest | high | default | bf16x3_fused | a lax.DotAlgorithmPreset name (e.g. "
+                        "tf32_tf32_f32_x3 on GPUs); 'E,M' for the E-step and M-step GEMMs separately")
     p.add_argument("--scale", default="small", choices=("small", "imagenet"))
     p.add_argument("--sklearn", dest="sklearn", action="store_true", default=None)
     p.add_argument("--no-sklearn", dest="sklearn", action="store_false")
@@ -73,21 +73,21 @@ def initial_params(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def matmul_rate(mesh, chunk: int, d: int, k: int, precision: str, reps: int = 5) -> float:
-    """fp32 FLOP/s of the E-step chunk GEMM [chunk, 2D] @ [2D, K], run on every device of ``mesh`` at once."""
+    """FLOP/s of the E-step chunk GEMM [chunk, 2D] @ [2D, K] as EM runs it with ``precision`` (a multi-pass
+    algorithm counts the FLOPs of one fp32 GEMM), on every device of ``mesh`` at once."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from mmfm_jax.gmm.em import matmul_precision
+    from mmfm_jax.gmm import precision as gp
 
     axes = tuple(mesh.axis_names)
     sh = NamedSharding(mesh, PartitionSpec(axes, None))
     n_dev = int(mesh.devices.size)
     a = jax.jit(lambda: jax.random.normal(jax.random.PRNGKey(0), (n_dev * chunk, 2 * d)), out_shardings=sh)()
-    w = jax.jit(lambda: jax.random.normal(jax.random.PRNGKey(1), (k, 2 * d)),
+    prec = gp.matmul_precision(precision)
+    w = jax.jit(lambda: gp.prepare_e_weights(jax.random.normal(jax.random.PRNGKey(1), (k, 2 * d)), prec),
                 out_shardings=NamedSharding(mesh, PartitionSpec()))()
-    prec = matmul_precision(precision)
-    dims = (((1,), (1,)), ((), ()))  # the E-step's layout: [C, 2D] . [K, 2D] -> [C, K]
-    f = jax.jit(jax.shard_map(lambda a, w: jax.lax.dot_general(a, w, dims, precision=prec), mesh=mesh,
+    f = jax.jit(jax.shard_map(lambda a, w: gp.e_step_gemm(a, w, prec), mesh=mesh,
                               in_specs=(PartitionSpec(axes, None), PartitionSpec()),
                               out_specs=PartitionSpec(axes, None)))
     f(a, w).block_until_ready()
@@ -221,7 +221,7 @@ def main(argv: list[str]) -> None:
 
         for _ in range(2):  # the first call compiles
             t = time.perf_counter()
-            kmeanspp.kmeans_plusplus_indices(data, k, seed=a.seed, precision=em.step_precisions(a.precision)[0])
+            kmeanspp.kmeans_plusplus_indices(data, k, seed=a.seed, precision=a.precision.split(',')[0])
             t_kpp = time.perf_counter() - t
         print(f"k-means++ init (K={k}, {kmeanspp.n_local_trials_default(k)} trials/center): {t_kpp:.2f} s at N={n}"
               + (f"; linear extrapolation to N={IMAGENET_N}: {t_kpp * IMAGENET_N / n:.1f} s" if imagenet else ""))

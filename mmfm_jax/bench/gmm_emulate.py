@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mmfm_jax.gmm.precision import DIMS_NT, DIMS_TN
+
 MODES = ("f32", "tf32", "bf16", "bf16x3")
 
 
@@ -64,17 +66,17 @@ def main(argv: list[str]) -> None:
     a = p.parse_args(argv[1:])
     x = make_data(a.n, a.d, a.seed)
     init = diag.DiagGMM(*initial_params(x, a.k, a.seed))
-    e_step_dims = (((1,), (1,)), ((), ()))
-    original = em._gemm
+    originals = em._e_gemm, em._m_gemm
     out = {}
     for name, (e, m) in (("fp32", ("f32", "f32")), (f"E={a.e} M={a.m}", (a.e, a.m))):
         ge, gm = emulated_gemm(e), emulated_gemm(m)
-        em._gemm = lambda x_, y_, dims, prec, ge=ge, gm=gm: (ge if dims == e_step_dims else gm)(x_, y_, dims, prec)
+        em._e_gemm = lambda x_, w_, prec, ge=ge: ge(x_, w_, DIMS_NT)
+        em._m_gemm = lambda r_, x_, prec, gm=gm: gm(r_, x_, DIMS_TN)
         em._build_step.cache_clear()
         try:
             g, info = em.fit(x, a.k, init=init, max_iter=a.iters, tol=0.0)
         finally:
-            em._gemm = original
+            em._e_gemm, em._m_gemm = originals
             em._build_step.cache_clear()
         out[name] = [h["lower_bound"] for h in info["history"]]
         v = np.asarray(g.variances)

@@ -36,7 +36,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfm_jax import parallel
+from mmfm_jax.gmm import precision as gp
 from mmfm_jax.gmm.diag import DiagGMM
+from mmfm_jax.gmm.precision import step_precisions
 
 F32_EPS = float(np.finfo(np.float32).eps)
 NK_EPS = 10.0 * F32_EPS  # sklearn's 10 * eps for float32 data (the official fit ran on float32 [CLS] tokens)
@@ -183,9 +185,14 @@ def _kahan(carry: tuple, new: Any) -> tuple:
     return t, c
 
 
-def _gemm(a: jax.Array, b: jax.Array, dims: Any, precision: Any) -> jax.Array:
-    """The EM step's two GEMMs (``bench gmm_emulate`` swaps this to emulate other matmul algorithms on CPUs)."""
-    return lax.dot_general(a, b, dims, precision=precision)
+def _e_gemm(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+    """E-step GEMM ``[C, 2D] . [K, 2D]^T`` (``bench gmm_emulate`` swaps it to emulate other matmul algorithms)."""
+    return gp.e_step_gemm(a, w, precision)
+
+
+def _m_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
+    """M-step GEMM ``[C, K]^T . [C, 2D]`` (swapped by ``bench gmm_emulate`` too)."""
+    return gp.m_step_gemm(r, a, precision)
 
 
 @functools.lru_cache(maxsize=32)
@@ -195,8 +202,6 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
     ``precision``: ``(E-step GEMM, M-step GEMM)``."""
     e_prec, m_prec = precision
     n_chunks = -(-local_len // chunk)
-    dims_nt = (((1,), (1,)), ((), ()))  # a [C, 2D] . w [K, 2D] -> [C, K]
-    dims_tn = (((0,), (0,)), ((), ()))  # r [C, K] . a [C, 2D] -> [K, 2D]
 
     def local(xl, weights, means, variances, shift):
         dev = shard_index(axes)
@@ -204,13 +209,13 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
         prec = 1.0 / variances
         const = jnp.log(weights) - 0.5 * (d * math.log(2 * math.pi) + jnp.sum(jnp.log(variances), -1)
                                           + jnp.sum(mu * mu * prec, -1))
-        w = jnp.concatenate([prec, -2.0 * mu * prec], axis=1)  # [K, 2D]
+        w = gp.prepare_e_weights(jnp.concatenate([prec, -2.0 * mu * prec], axis=1), e_prec)  # [K, 2D] (or split)
 
         def body(carry, i):
             start = jnp.minimum(i * chunk, local_len - chunk)
             xc = lax.dynamic_slice_in_dim(xl, start, chunk, 0).astype(jnp.float32) - shift
             a = jnp.concatenate([xc * xc, xc], axis=1)  # [C, 2D]
-            logits = const - 0.5 * _gemm(a, w, dims_nt, e_prec)
+            logits = const - 0.5 * _e_gemm(a, w, e_prec)
             rows = start + jnp.arange(chunk)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
             mx = jnp.max(logits, axis=1, keepdims=True)
@@ -218,7 +223,7 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             s = jnp.sum(e, axis=1)
             r = e * jnp.where(valid, 1.0 / s, 0.0)[:, None]
             lse = mx[:, 0] + jnp.log(s)
-            new = (jnp.sum(r, 0), _gemm(r, a, dims_tn, m_prec),
+            new = (jnp.sum(r, 0), _m_gemm(r, a, m_prec),
                    jnp.sum(jnp.where(valid, lse, 0.0)))
             return _kahan(carry, new), None
 
@@ -250,33 +255,6 @@ def m_step(nk: jax.Array, s1: jax.Array, s2: jax.Array, shift: jax.Array, reg_co
     mu = s1 / nk[:, None]
     var = jnp.maximum(s2 / nk[:, None] - mu * mu, 0.0) + reg_covar
     return DiagGMM(weights=nk / jnp.sum(nk), means=mu + shift, variances=var)
-
-
-def matmul_precision(p: Any) -> Any:
-    """'highest' | 'high' | 'default' (``lax.Precision``) or a ``lax.DotAlgorithmPreset`` name such as
-    'tf32_tf32_f32_x3' (3-pass TF32 on GPUs: about fp32 accuracy on tensor cores) or 'bf16_bf16_f32_x6'."""
-    if isinstance(p, str):
-        simple = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}
-        if p.lower() in simple:
-            return simple[p.lower()]
-        try:
-            return lax.DotAlgorithmPreset[p.upper()]
-        except KeyError:
-            raise ValueError(f"unknown precision {p!r}: highest, high, default or a DotAlgorithmPreset name") from None
-    return p
-
-
-def step_precisions(p: Any) -> tuple[Any, Any]:
-    """``fit``'s ``precision`` -> ``(E-step GEMM, M-step GEMM)`` precisions: one value for both, or ``'E,M'`` /
-    a pair, e.g. ``'tf32_tf32_f32,highest'``."""
-    if isinstance(p, str) and "," in p:
-        p = tuple(x.strip() for x in p.split(","))
-    if isinstance(p, (tuple, list)):
-        if len(p) != 2:
-            raise ValueError(f"precision pair must be (E-step, M-step), got {p!r}")
-        return matmul_precision(p[0]), matmul_precision(p[1])
-    q = matmul_precision(p)
-    return q, q
 
 
 def _check_params(gmm: DiagGMM, k: int, d: int) -> None:
@@ -351,7 +329,7 @@ def fit(
             params, how = replicate(init, mesh), "given"
         elif init == "k-means++":
             init_indices = kmeanspp.kmeans_plusplus_indices(data, k, seed=seed,
-                                                             precision=step_precisions(precision)[0])
+                                                             precision=gp.lax_precision(step_precisions(precision)[0]))
             params = kmeanspp.params_from_indices(data, init_indices, reg_covar=reg_covar, nk_eps=nk_eps)
             how = "k-means++"
         else:

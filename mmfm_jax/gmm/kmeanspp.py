@@ -109,14 +109,14 @@ def kmeans_plusplus_indices(data: ShardedSamples | Any, n_clusters: int, *, seed
                             n_local_trials: int | None = None, mesh: Mesh | None = None,
                             precision: Any = "highest") -> np.ndarray:
     """Row indices ``[K]`` (int) of the k-means++ seeds of ``data`` (a ``ShardedSamples``, numpy or jax array)."""
-    from mmfm_jax.gmm.em import matmul_precision
+    from mmfm_jax.gmm.precision import lax_precision, matmul_precision
 
     data = data if isinstance(data, ShardedSamples) else shard_samples(data, mesh)
     k = int(n_clusters)
     if not 1 <= k <= data.n:
         raise ValueError(f"n_clusters must be in [1, n_samples={data.n}], got {k}")
     t = n_local_trials_default(k) if n_local_trials is None else int(n_local_trials)
-    fn = _build(data.mesh, data.axes, data.n, data.local_len, k, t, matmul_precision(precision))
+    fn = _build(data.mesh, data.axes, data.n, data.local_len, k, t, lax_precision(matmul_precision(precision)))
     out = fn(data.x, replicate(data.shift, data.mesh), replicate(draws(seed, k, t), data.mesh))
     return np.asarray(out).astype(np.int64)
 

@@ -26,6 +26,7 @@ from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positi
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.gmm import diag, em, spatial
 from mmfm_jax.gmm import io as gmm_io
+from mmfm_jax.gmm.precision import FUSED_BF16X3, step_precisions
 from mmfm_jax.gmm.source import ModeSource, save_source
 
 DEFAULT_CONFIG = "fit_gmm.py:tiny"
@@ -34,7 +35,7 @@ log = logging.getLogger("mmfm_jax")
 
 def _precision_ok(v: str) -> bool:
     try:
-        em.step_precisions(v)
+        step_precisions(v)
     except (ValueError, TypeError):
         return False
     return True
@@ -56,8 +57,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check(cfg, "gmm.init", lambda v: v in ("k-means++", "random_from_data"), "must be 'k-means++'")
         check_positive(cfg, "data.batch_size")
         check_choice(cfg, "spatial.shift", ("none", "mean"))
-        check(cfg, "gmm.precision", _precision_ok, "must be highest | high | default | a lax.DotAlgorithmPreset "
-              "name, or 'E,M' for the E-step and M-step GEMMs (e.g. 'tf32_tf32_f32,highest')")
+        check(cfg, "gmm.precision", _precision_ok, f"must be highest | high | default | {FUSED_BF16X3} | a "
+              "lax.DotAlgorithmPreset name, or 'E,M' for the E-step and M-step GEMMs (e.g. 'tf32_tf32_f32,highest')")
     check(cfg, "latent.grid", lambda v: len(v) == 2 and all(int(g) > 0 for g in v), "must be (H, W)")
 
 

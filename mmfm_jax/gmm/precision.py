@@ -1,0 +1,103 @@
+"""Matmul precision of the EM step's two GEMMs: ``lax`` precisions, XLA dot-algorithm presets, and ``bf16x3_fused``.
+
+The E-step GEMM is ``a [C, 2D] . w [K, 2D] -> [C, K]`` (``a = [x^2, x]``, ``w = [prec, -2 mu prec]``) and the
+M-step GEMM ``r [C, K] . a [C, 2D] -> [K, 2D]`` (contraction over the C rows of a chunk).
+
+``bf16x3_fused``: the 3-pass bf16 split of ``bf16_bf16_f32_x3`` (``v = hi + lo`` with ``hi = bf16(v)``,
+``lo = bf16(v - hi)``; ``a . b ~ hi.hi + hi.lo + lo.hi``, products exact and sums in fp32: about 2^-16 relative
+error per product instead of fp32's 2^-24), laid out as few, large bf16 GEMMs instead of XLA's three separate ones:
+
+- E-step: one GEMM with a 3x longer contraction, ``[a_hi, a_lo, a_hi] . [w_hi, w_hi, w_lo]`` (``w`` is split once per
+  iteration, outside the chunk loop: :func:`prepare_e_weights`);
+- M-step: two GEMMs sharing ``r_hi``: ``r_hi . [a_hi, a_lo]`` and ``r_lo . a_hi``.
+
+Emulated on CPUs (``bench gmm_emulate``), EM with this split in both steps fits as well as fp32 (README, "GMM EM");
+single-pass TF32 or bf16 does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+FUSED_BF16X3 = "bf16x3_fused"
+DIMS_NT = (((1,), (1,)), ((), ()))  # E-step: [C, 2D] . [K, 2D] -> [C, K]
+DIMS_TN = (((0,), (0,)), ((), ()))  # M-step: [C, K] . [C, 2D] -> [K, 2D]
+
+
+def matmul_precision(p: Any) -> Any:
+    """'highest' | 'high' | 'default' (``lax.Precision``), ``'bf16x3_fused'`` (module docstring), or a
+    ``lax.DotAlgorithmPreset`` name such as 'tf32_tf32_f32_x3' (3-pass TF32 on GPUs) or 'bf16_bf16_f32_x6'."""
+    if isinstance(p, str):
+        simple = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": lax.Precision.DEFAULT}
+        if p.lower() in simple:
+            return simple[p.lower()]
+        if p.lower() == FUSED_BF16X3:
+            return FUSED_BF16X3
+        try:
+            return lax.DotAlgorithmPreset[p.upper()]
+        except KeyError:
+            raise ValueError(f"unknown precision {p!r}: highest, high, default, {FUSED_BF16X3} or a "
+                             "DotAlgorithmPreset name") from None
+    return p
+
+
+def step_precisions(p: Any) -> tuple[Any, Any]:
+    """EM's ``precision`` -> ``(E-step GEMM, M-step GEMM)`` precisions: one value for both, or ``'E,M'`` /
+    a pair, e.g. ``'tf32_tf32_f32,highest'``."""
+    if isinstance(p, str) and "," in p:
+        p = tuple(x.strip() for x in p.split(","))
+    if isinstance(p, (tuple, list)):
+        if len(p) != 2:
+            raise ValueError(f"precision pair must be (E-step, M-step), got {p!r}")
+        return matmul_precision(p[0]), matmul_precision(p[1])
+    q = matmul_precision(p)
+    return q, q
+
+
+def lax_precision(p: Any) -> Any:
+    """A precision ``lax.dot_general`` accepts: ``bf16x3_fused`` -> ``HIGHEST`` (for GEMMs outside the EM step,
+    e.g. the k-means++ distances), anything else unchanged."""
+    return lax.Precision.HIGHEST if p == FUSED_BF16X3 else p
+
+
+def split_bf16(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v`` (fp32) -> ``(hi, lo)`` in bf16 with ``hi = bf16(v)``, ``lo = bf16(v - hi)``: ``hi + lo`` keeps about
+    16 of fp32's 24 mantissa bits."""
+    hi = v.astype(jnp.bfloat16)
+    return hi, (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _dot_f32(a: jax.Array, b: jax.Array, dims: Any) -> jax.Array:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def prepare_e_weights(w: jax.Array, precision: Any) -> jax.Array:
+    """The E-step's ``w [K, 2D]`` as the GEMM reads it: ``[w_hi, w_hi, w_lo]`` ([K, 6D] bf16) for
+    ``bf16x3_fused``, else ``w`` unchanged. Call once per iteration, outside the chunk loop."""
+    if precision != FUSED_BF16X3:
+        return w
+    hi, lo = split_bf16(w)
+    return jnp.concatenate([hi, hi, lo], axis=1)
+
+
+def e_step_gemm(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+    """``a [C, 2D] . w [K, 2D] -> [C, K]`` fp32; ``w`` from :func:`prepare_e_weights`."""
+    if precision != FUSED_BF16X3:
+        return lax.dot_general(a, w, DIMS_NT, precision=precision)
+    hi, lo = split_bf16(a)
+    return _dot_f32(jnp.concatenate([hi, lo, hi], axis=1), w, DIMS_NT)
+
+
+def m_step_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
+    """``r [C, K] . a [C, 2D] -> [K, 2D]`` fp32 (contraction over the rows)."""
+    if precision != FUSED_BF16X3:
+        return lax.dot_general(r, a, DIMS_TN, precision=precision)
+    r_hi, r_lo = split_bf16(r)
+    a_hi, a_lo = split_bf16(a)
+    width = a.shape[1]
+    both = _dot_f32(r_hi, jnp.concatenate([a_hi, a_lo], axis=1), DIMS_TN)  # [K, 4D]: hi.hi and hi.lo
+    return both[:, :width] + (both[:, width:] + _dot_f32(r_lo, a_hi, DIMS_TN))
