@@ -315,3 +315,30 @@ def test_fused_bf16x3_gemms_and_fit():
     np.testing.assert_allclose([h["lower_bound"] for h in i16["history"]],
                                [h["lower_bound"] for h in i32["history"]], rtol=1e-4)
     np.testing.assert_allclose(np.asarray(g16.means), np.asarray(g32.means), rtol=1e-3, atol=1e-3)
+
+
+def test_exact_top_fixes_the_lower_bound_of_collapsed_components():
+    """A component collapsed onto one point (variance reg_covar, precision 1e6): the expanded GEMM form loses its
+    log-density at that point to rounding (~prec * x^2 * eps per feature); ``exact_top`` recomputes each row's
+    largest term directly; ``score`` is that E-step. Features are O(1), as for layer-normed [CLS] tokens."""
+    from mmfm_jax.bench.gmm import exact_loglik
+
+    r = np.random.default_rng(2)
+    d = 64
+    x = np.concatenate([r.normal(size=(100, d)) + 1.5 * (c - 1) for c in range(3)] + [np.full((1, d), 0.7)])
+    x = x.astype(np.float32)
+    means = np.stack([x[:100].mean(0), x[100:200].mean(0), x[200:300].mean(0), x[300]]).astype(np.float32)
+    var = np.stack([x[:100].var(0), x[100:200].var(0), x[200:300].var(0), np.full(d, 1e-6)]).astype(np.float32)
+    init = diag.DiagGMM(np.full(4, 0.25, np.float32), means, var)
+    want = exact_loglik(x, init.weights, init.means, init.variances)  # float64
+    lb = {}
+    for prec in ("highest", "bf16x3_fused"):
+        for top in (False, True):
+            _, info = em.fit(x, 4, init=init, max_iter=1, tol=0.0, precision=prec, exact_top=top)
+            lb[prec, top] = info["history"][0]["lower_bound"]
+        assert em.score(x, init, precision=prec) == pytest.approx(lb[prec, True], abs=1e-5)
+    assert abs(lb["bf16x3_fused", False] - want) > 1e-2  # the expanded form, 3-pass bf16: the collapsed row is off
+    assert abs(lb["bf16x3_fused", True] - want) < 1e-5 * abs(want)
+    assert abs(lb["highest", True] - want) < 1e-5 * abs(want)
+    _, info = em.fit(x, 4, init=init, max_iter=1, tol=0.0, precision="bf16x3_fused")
+    assert info["exact_top"] and info["history"][0]["lower_bound"] == lb["bf16x3_fused", True]  # the default

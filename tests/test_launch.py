@@ -53,3 +53,10 @@ def test_bad_env_flag():
 
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         launch.main(["local", "--dry-run", "--env=oops", "--", "toy"])
+
+
+def test_gpu_pending_script_parses_and_needs_a_part(repo_dir):
+    script = f"{repo_dir}/launch/gpu_pending.sh"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    out = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "usage: launch/gpu_pending.sh train|gmm" in out.stderr

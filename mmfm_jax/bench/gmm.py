@@ -45,16 +45,24 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="also run sklearn in float64 from the same start (reference trajectory; slow)")
     p.add_argument("--no-exact", dest="exact", action="store_false",
                    help="skip the float64 host evaluation of both final models")
+    p.add_argument("--compare", default="",
+                   help="also fit with this precision from the same start (e.g. highest) and print the differences")
+    p.add_argument("--exact-top", choices=("auto", "on", "off"), default="auto",
+                   help="recompute each row's largest log-density directly (em.fit's exact_top; auto: unless the "
+                        "E-step is highest)")
     a = p.parse_args(argv[1:])
     if a.iters < 2:
         p.error("--iters must be >= 2 (the first iteration compiles)")
     return a
 
 
-def make_data(n: int, d: int, seed: int, n_clusters: int = 1000) -> np.ndarray:
-    """CLS-token-like float32 data: a mixture of ``n_clusters`` blobs, each row standardised (non-affine LN)."""
+def make_data(n: int, d: int, seed: int, n_clusters: int = 1000, stream: int = 0) -> np.ndarray:
+    """CLS-token-like float32 data: a mixture of ``n_clusters`` blobs, each row standardised (non-affine LN).
+    The blobs depend on ``seed`` only; ``stream > 0`` draws other rows from the same blobs (held-out data)."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(n_clusters, d)).astype(np.float32)
+    if stream:
+        rng = np.random.default_rng((seed, stream))
     x = np.empty((n, d), np.float32)
     for s in range(0, n, 65536):
         e = min(n, s + 65536)
@@ -133,6 +141,28 @@ def run_sklearn(x: np.ndarray, init, iters: int, reg_covar: float = 1e-6) -> tup
     return secs, lbs, (gm.weights_, gm.means_, gm.covariances_)
 
 
+def _compare(a, data, held, k: int, init, info: dict, held_ll: float) -> None:
+    """Fit again with ``--compare`` precision from the same start; print both fits' per-iteration lower bounds, held-out
+    log-likelihoods and speeds (each fit's lower bound is its own E-step's, so both carry their rounding)."""
+    from mmfm_jax.gmm import diag, em
+
+    top = {"auto": None, "on": True, "off": False}[a.exact_top]
+    g2, info2 = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
+                       precision=a.compare, exact_top=top)
+    lb1 = [h["lower_bound"] for h in info["history"]]
+    lb2 = [h["lower_bound"] for h in info2["history"]]
+    t1 = statistics.median([h["seconds"] for h in info["history"]][1:])
+    t2 = statistics.median([h["seconds"] for h in info2["history"]][1:])
+    held2 = em.score(held, g2, chunk_size=a.chunk)
+    print(f"compare: {a.precision} vs {a.compare} from the same start")
+    print("  lower bounds    " + " ".join(f"{x:.4f}" for x in lb1))
+    print("  vs              " + " ".join(f"{x:.4f}" for x in lb2))
+    print(f"  max |lower bound difference| {max(abs(x - y) for x, y in zip(lb1, lb2)):.4f}; held-out "
+          f"{held_ll:.4f} vs {held2:.4f} (difference {held_ll - held2:+.4f}); s/iter {t1:.4f} vs {t2:.4f} "
+          f"(speed-up {t2 / t1:.2f}x)")
+    print()
+
+
 def main(argv: list[str]) -> None:
     a = _parse(argv)
     if a.devices:
@@ -164,11 +194,14 @@ def main(argv: list[str]) -> None:
     data = em.shard_samples(x, mesh)
     jax.block_until_ready(data.x)
     t_put = time.perf_counter() - t
+    top = {"auto": None, "on": True, "off": False}[a.exact_top]
     g, info = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
-                     precision=a.precision)
+                     precision=a.precision, exact_top=top)
     ours_secs = [h["seconds"] for h in info["history"]]
     ours = statistics.median(ours_secs[1:])
     ours_lbs = [h["lower_bound"] for h in info["history"]]
+    held = em.shard_samples(make_data(max(1024, min(n // 4, 65536)), d, a.seed, stream=1), mesh)
+    held_ll = em.score(held, g, chunk_size=a.chunk)
 
     steps = [q.strip() for q in a.precision.split(",")] if "," in a.precision else [a.precision] * 2
     rates = {q: matmul_rate(mesh, min(a.chunk, data.local_len), d, k, q) for q in dict.fromkeys(steps)}
@@ -189,7 +222,11 @@ def main(argv: list[str]) -> None:
     print(f"{'first iteration (ours: + compile)':36s}{ours_secs[0]:16.4f}{(sk_secs or [nan])[0]:16.4f}")
     print(f"{'GFLOP/s (8 N D K / median time)':36s}{flop / ours / 1e9:16.1f}{flop / sk / 1e9:16.1f}")
     print(f"{f'lower bound after {a.iters} iterations':36s}{ours_lbs[-1]:16.6f}{(sk_lbs or [nan])[-1]:16.6f}")
+    print(f"{'held-out mean log-lik (final)':36s}{held_ll:16.6f}   ({held.n} new rows, fp32 + exact top term; "
+          f"exact_top={info['exact_top']})")
     print()
+    if a.compare:
+        _compare(a, data, held, k, init, info, held_ll)
     if use_sk:
         diffs = [abs(p - q) for p, q in zip(ours_lbs, sk_lbs)]
         print(f"speed-up (sklearn / ours):          {sk / ours:.2f}x median, {sk_best / ours_best:.2f}x best "

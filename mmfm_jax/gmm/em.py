@@ -197,9 +197,10 @@ def _m_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk: int, k: int, d: int,
-                precision: tuple[Any, Any]) -> Callable:
+                precision: tuple[Any, Any], exact_top: bool = False) -> Callable:
     """Jitted ``step(x, params, shift, reg_covar, nk_eps) -> (new_params, mean log-likelihood of params)``.
-    ``precision``: ``(E-step GEMM, M-step GEMM)``."""
+    ``precision``: ``(E-step GEMM, M-step GEMM)``. ``exact_top``: recompute each row's largest logit directly,
+    ``log w_k - 0.5 (D log 2 pi + sum log var_k + sum prec_k (x - mu_k)^2)`` in fp32, before the softmax."""
     e_prec, m_prec = precision
     n_chunks = -(-local_len // chunk)
 
@@ -207,8 +208,8 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
         dev = shard_index(axes)
         mu = means - shift
         prec = 1.0 / variances
-        const = jnp.log(weights) - 0.5 * (d * math.log(2 * math.pi) + jnp.sum(jnp.log(variances), -1)
-                                          + jnp.sum(mu * mu * prec, -1))
+        base = jnp.log(weights) - 0.5 * (d * math.log(2 * math.pi) + jnp.sum(jnp.log(variances), -1))
+        const = base - 0.5 * jnp.sum(mu * mu * prec, -1)
         w = gp.prepare_e_weights(jnp.concatenate([prec, -2.0 * mu * prec], axis=1), e_prec)  # [K, 2D] (or split)
 
         def body(carry, i):
@@ -216,6 +217,11 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             xc = lax.dynamic_slice_in_dim(xl, start, chunk, 0).astype(jnp.float32) - shift
             a = jnp.concatenate([xc * xc, xc], axis=1)  # [C, 2D]
             logits = const - 0.5 * _e_gemm(a, w, e_prec)
+            if exact_top:  # the expanded form's rounding grows with prec * x^2; the winner is recomputed directly
+                top = jnp.argmax(logits, axis=1)
+                diff = xc - jnp.take(mu, top, axis=0)
+                direct = jnp.take(base, top) - 0.5 * jnp.sum(jnp.take(prec, top, axis=0) * diff * diff, axis=1)
+                logits = jnp.where(jnp.arange(k)[None, :] == top[:, None], direct[:, None], logits)
             rows = start + jnp.arange(chunk)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
             mx = jnp.max(logits, axis=1, keepdims=True)
@@ -280,6 +286,7 @@ def fit(
     on_iteration: Callable[[int, float, EMState], Any] | None = None,
     precision: str | Any = "highest",
     nk_eps: float = NK_EPS,
+    exact_top: bool | None = None,
 ) -> tuple[DiagGMM, dict]:
     """Fit a diagonal GMM to ``x [N, D]`` with EM, data sharded along N over all devices of ``mesh``.
 
@@ -291,11 +298,16 @@ def fit(
     first E-step (sklearn's ``weights_init``/``means_init``/``precisions_init = 1 / variances``).
     ``state``: resume an interrupted fit exactly (same data, mesh and arguments). ``on_iteration(it, lower_bound,
     state)`` runs on the host after every iteration (1-based ``it``). ``precision``: of the two GEMMs (the E-step's
-    also for the k-means++ distances): ``highest`` = true fp32 (default); ``default`` lets GPUs use TF32; a
-    ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3`` on GPUs; or ``'E,M'`` / a pair for the E-step and
-    M-step GEMMs separately. TF32 in both steps is wrong by tens of nats per sample (M-step rounding makes tiny
-    variances whose large precisions amplify the E-step's rounding); TF32 in the E-step alone with an accurate
-    M-step (``'tf32_tf32_f32,highest'``) stays within ~0.1 nats (README, "GMM EM").
+    also for the k-means++ distances, fp32 for ``bf16x3_fused``): ``highest`` = true fp32 (default); ``default``
+    lets GPUs use TF32; ``bf16x3_fused`` (3-pass bf16 split as few large GEMMs, :mod:`mmfm_jax.gmm.precision`); a
+    ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3``; or ``'E,M'`` / a pair for the E-step and M-step
+    GEMMs separately. ``exact_top`` (default: on unless the E-step is ``highest``): recompute each row's largest
+    log-density directly, ``sum prec (x - mu)^2`` in fp32, instead of taking it from the expanded GEMM form, whose
+    rounding grows with ``prec * x^2``: with one-pass TF32 the reported lower bound is otherwise off by 50-140
+    nats per sample (collapsed components, variance ~ ``reg_covar``), with ``bf16x3_fused`` by ~1 nat, with fp32 by
+    ~0.005; with it ``bf16x3_fused`` and fp32 match a float64 evaluation of the same parameters to < 1e-4 and TF32
+    once EM settles (README, "GMM EM"). A collapsed component that rounding ranks below another at its own point
+    is not recomputed (features far from the data mean in units of its std).
     ``nk_eps``: sklearn's ``N_k += 10 eps``; the default is float32's eps (sklearn on float32 data, as in the
     official fit); it biases a component's variance up by about ``nk_eps / N_k * (mean - shift)^2`` (visible only
     for near-empty or collapsed components and in the k-means++ initial variances); ``10 * float64 eps`` gives
@@ -337,7 +349,10 @@ def fit(
     jax.block_until_ready(params)
     init_seconds = time.perf_counter() - t0
     chunk = max(1, min(int(chunk_size), data.local_len))
-    step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, step_precisions(precision))
+    precs = step_precisions(precision)
+    if exact_top is None:
+        exact_top = precs[0] != lax.Precision.HIGHEST
+    step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, precs, bool(exact_top))
     shift, reg, nke = replicate((data.shift, np.float32(reg_covar), np.float32(nk_eps)), mesh)
     history: list[dict] = []
     it, lb = start, prev
@@ -356,5 +371,19 @@ def fit(
         prev = lb
     info = dict(converged=converged, n_iter=it, lower_bound=lb, history=history, init=how,
                 init_indices=None if init_indices is None else [int(i) for i in init_indices],
-                init_seconds=init_seconds, n_samples=data.n, n_devices=int(mesh.devices.size), chunk_size=chunk)
+                init_seconds=init_seconds, n_samples=data.n, n_devices=int(mesh.devices.size), chunk_size=chunk,
+                exact_top=bool(exact_top))
     return params, info
+
+
+def score(x: Any, gmm: DiagGMM, *, mesh: Mesh | None = None, chunk_size: int = 4096,
+          precision: str | Any = "highest", exact_top: bool = True) -> float:
+    """Mean log-likelihood per sample of ``x [N, D]`` (numpy, global array or :class:`ShardedSamples`) under
+    ``gmm``, computed by one sharded E-step (each row's largest term directly when ``exact_top``)."""
+    data = x if isinstance(x, ShardedSamples) else shard_samples(x, mesh)
+    k = int(gmm.weights.shape[0])
+    _check_params(gmm, k, data.dim)
+    step = _build_step(data.mesh, data.axes, data.n, data.local_len, max(1, min(int(chunk_size), data.local_len)),
+                       k, data.dim, step_precisions(precision), bool(exact_top))
+    shift, reg, nke = replicate((data.shift, np.float32(0.0), np.float32(NK_EPS)), data.mesh)
+    return float(step(data.x, replicate(gmm, data.mesh), shift, reg, nke)[1])
