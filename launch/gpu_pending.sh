@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements issues #3 and #4 still owe, as one script for the next session that has an H100.
-#   launch/gpu_pending.sh train   # about 8 min: XL mode-conditional bf16 train step, memory-saving options, batch 128-256
+#   launch/gpu_pending.sh train   # about 9 min: XL mode-conditional bf16 train step (+ a profile by kernel kind),
+#                                 # the memory-saving options, batch 128-256
 #   launch/gpu_pending.sh gmm     # about 6 min: full-scale EM with bf16x3_fused / TF32 vs fp32, chunk sizes
 # Each part fits one 10-minute call; every line it prints is a figure to record in the README.
-# Needs the package importable (pip install -e . or PYTHONPATH=$PWD); nothing here writes outside stdout.
+# Needs the package importable (pip install -e . or PYTHONPATH=$PWD); writes only stdout and a profile in /tmp.
 set -u
 part=${1:-}
 filter() { grep -v -E "^[WI][0-9]{4} |Warning|warn\(" | grep -E "$1" | tail -"${2:-4}"; }
@@ -19,7 +20,7 @@ case "$part" in
     B=(python -m mmfm_jax.bench train --config=configs/train.py:xl_mode --dtype=bfloat16 --steps=5
        --set model.residual_dtype=bfloat16)
     SAVE=(--set source.table_dtype=bfloat16 --set train.adam_mu_dtype=bfloat16)
-    run 110 "^(batch|best)|rror" 2 "${B[@]}" --batch=128                     # baseline: 43.2% (session 2)
+    run 130 "^(batch|best)|rror|device time|^  " 30 "${B[@]}" --batch=128 --trace=/tmp/mmfm_trace  # 43.2% (s. 2)
     run 110 "^(batch|best)|rror" 2 "${B[@]}" "${SAVE[@]}" --batch=128        # 4.9 GB less state: remat avoided?
     run 110 "^(batch|best)|rror" 2 "${B[@]}" "${SAVE[@]}" --batch=160
     run 110 "^(batch|best)|rror" 2 "${B[@]}" "${SAVE[@]}" --remat=dots --batch=192

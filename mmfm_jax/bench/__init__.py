@@ -6,4 +6,5 @@ BENCHES: dict[str, str] = {
     "train": "mmfm_jax.bench.train",
     "encode": "mmfm_jax.bench.encode",
     "sample": "mmfm_jax.bench.sample",
+    "trace_summary": "mmfm_jax.bench.trace_summary",
 }

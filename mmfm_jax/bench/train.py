@@ -98,6 +98,16 @@ def _time(step, state, batch, source, steps: int):
     return state, (time.perf_counter() - t0) / steps, float(m["loss"])
 
 
+def _trace(step, state, batch, source, log_dir: str, steps: int = 3) -> None:
+    from mmfm_jax.bench import trace_summary
+
+    with jax.profiler.trace(log_dir):
+        for _ in range(steps):
+            state, m = step(state, batch, source)
+        jax.block_until_ready(m)
+    trace_summary.main(["trace_summary", log_dir, f"--steps={steps}"])
+
+
 def _peak_memory() -> str:
     """``'  peak X GiB of Y GiB'`` from the first local device's allocator statistics ('' where there are none)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -120,6 +130,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--max-per-device", type=int, default=256)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--trace", default="", metavar="DIR",
+                   help="after timing, profile 3 steps of the last batch into DIR and print where the device time "
+                        "goes (bench trace_summary)")
     args = p.parse_args(argv[1:])
     cfg, mcfg, mesh, source, scfg, state, step, fwd_flops = _setup(args)
     tokens, ch = mcfg.input_size ** 2, mcfg.in_channels
@@ -149,7 +162,10 @@ def main(argv: list[str]) -> None:
         row = dict(batch=g, sec_per_step=sec, images_per_s=ips, tflops_per_device=tflops, mfu=tflops / args.peak)
         print(f"batch {g:5d}: {sec * 1e3:9.1f} ms/step  {ips:9.1f} img/s  {tflops:7.1f} TFLOP/s/device  "
               f"MFU {100 * row['mfu']:5.1f}%  (loss {loss:.4f}){_peak_memory()}")
-        best = row
+        best = (row, batch)
+    if best and args.trace:
+        _trace(step, state, best[1], source, args.trace)
+    best = best[0] if best else None
     if best:
         print(f"\nbest: batch {best['batch']}, {best['images_per_s']:.1f} img/s, "
               f"{best['tflops_per_device']:.1f} TFLOP/s/device = {100 * best['mfu']:.1f}% of {args.peak} peak; "
