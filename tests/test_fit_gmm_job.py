@@ -108,3 +108,32 @@ def test_bad_precision_names_the_key(tmp_path, repo_dir):
     cfg = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"data.latents_dir": str(tmp_path),
                                                                "gmm.precision": "tf32_tf32_f32,highest"})
     fit_gmm.validate(cfg)
+
+
+def test_read_cls_needs_a_finished_dataset_and_reads_only_listed_shards(tmp_path):
+    from mmfm_jax.jobs.fit_gmm import read_cls
+
+    data = tmp_path / "latents"
+    cls, _ = make_latents(data)
+    got, idx = read_cls(data)  # no sidecars here: read from the records
+    np.testing.assert_array_equal(got, cls)
+    np.testing.assert_array_equal(idx, np.arange(96))
+    # the encode job's sidecars are used when they match the listed shards; a stray one (an unfinished shard) is not
+    for s in range(2):
+        sl = slice(s * 48, (s + 1) * 48)
+        np.savez(data / f"cls-{s:05d}.npz", cls=cls[sl], index=np.arange(96)[sl], flip=np.zeros(48, np.int32))
+    np.savez(data / "cls-00002.npz", cls=np.ones((5, 8), np.float32), index=np.arange(96, 101),
+             flip=np.zeros(5, np.int32))
+    got, idx = read_cls(data)
+    np.testing.assert_array_equal(got, cls)
+    assert len(idx) == 96
+    # a sidecar whose count disagrees with its shard: the records win
+    np.savez(data / "cls-00001.npz", cls=cls[:3], index=np.arange(3), flip=np.zeros(3, np.int32))
+    np.testing.assert_array_equal(read_cls(data)[0], cls)
+    # an encode job that has not finished: refused before any EM runs
+    inc = tmp_path / "incomplete"
+    w = latents_lib.LatentShardWriter(inc, (4, 8), "float32", cls_dim=8, grid=(2, 2), num_shards=2)
+    w.write_shard(0, {"latent": np.zeros((4, 4, 8), np.float32), "cls": np.zeros((4, 8), np.float32),
+                      "label": np.zeros(4, np.int32), "index": np.arange(4), "flip": np.zeros(4, np.int32)})
+    with pytest.raises(ValueError, match="not complete"):
+        read_cls(inc)

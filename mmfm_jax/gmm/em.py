@@ -6,7 +6,8 @@ scans each device's shard in chunks of ``chunk_size`` rows (so a device never ho
 responsibilities) and accumulates N_k, sum r x, sum r x^2 and the log-likelihood in fp32 with Kahan
 compensation; they are ``psum``-ed over the devices and the M-step runs replicated. Per chunk there are exactly two
 fused GEMMs: ``logits = c_k - 0.5 [x^2, x] @ [prec; -2 mu prec]^T`` and ``stats = r^T @ [x^2, x]`` (8 N D K FLOP
-per iteration in all; no N x K x D intermediate).
+per iteration in all; no N x K x D intermediate). Their precision: :mod:`mmfm_jax.gmm.precision`; with a
+low-precision E-step each row's largest log-density is recomputed directly (``exact_top``, see :func:`fit`).
 
 Numerics: before anything is accumulated, the data are shifted by a fixed per-feature reference (the float64 mean
 of up to 4096 evenly spaced rows; identical for every mesh). EM is shift-equivariant, so this changes no result

@@ -65,29 +65,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cls_sidecars(directory: Path) -> list[Path]:
-    return sorted(directory.glob("cls-*.npz"))
-
-
 def read_cls(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """All un-flipped [CLS] vectors in image-index order -> (cls [N, D] fp32, image index [N]).
 
-    Uses the encode job's ``cls-*.npz`` sidecars when present (no latent decoding), else decodes the records.
-    Every process reads all of them (1.28M x 768 fp32 = 3.9 GB); ``em.fit`` places each device's rows.
+    Only a finished dataset is read (manifest ``complete``; an EM over a half-encoded dataset would fit the wrong
+    data), and only the shards its manifest lists: from the encode job's ``cls-XXXXX.npz`` sidecars when every
+    listed shard has one whose row count matches (no latent decoding), else from the records. Every process reads
+    all of them (1.28M x 768 fp32 = 3.9 GB); ``em.fit`` places each device's rows.
     """
     directory = Path(directory)
-    side = _cls_sidecars(directory)
-    if side:
-        parts = [np.load(p) for p in side]
-        cls = np.concatenate([p["cls"] for p in parts]).astype(np.float32)
-        idx = np.concatenate([p["index"] for p in parts]).astype(np.int64)
-        flip = np.concatenate([p["flip"] for p in parts]).astype(np.int32)
-    else:
-        ds = latents_lib.LatentShards(directory)
-        outs = [ds.fetch(np.arange(s, min(s + 4096, len(ds)))) for s in range(0, len(ds), 4096)]
-        cls = np.concatenate([o["cls"] for o in outs]).astype(np.float32)
-        idx = np.concatenate([o["index"] for o in outs]).astype(np.int64)
-        flip = np.concatenate([o["flip"] for o in outs]).astype(np.int32)
+    ds = latents_lib.LatentShards(directory)  # raises unless the manifest is complete and every shard is there
+    shards = ds.manifest["shards"]
+    side = [directory / f"cls-{int(sh['id']):05d}.npz" for sh in shards]
+    parts = [np.load(p) for p in side] if all(p.exists() for p in side) else None
+    if parts is not None and any(len(p["index"]) != int(sh["count"]) for p, sh in zip(parts, shards)):
+        log.warning("fit-gmm: [CLS] sidecars in %s do not match the shards' counts: reading the records", directory)
+        parts = None
+    if parts is None:
+        parts = [ds.fetch(np.arange(s, min(s + 4096, len(ds)))) for s in range(0, len(ds), 4096)]
+    cls = np.concatenate([p["cls"] for p in parts]).astype(np.float32)
+    idx = np.concatenate([p["index"] for p in parts]).astype(np.int64)
+    flip = np.concatenate([p["flip"] for p in parts]).astype(np.int32)
     keep = flip == 0
     cls, idx = cls[keep], idx[keep]
     order = np.argsort(idx, kind="stable")
