@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
@@ -102,22 +103,36 @@ def _shard_stats_path(out: Path, sid: int) -> Path:
     return out / f"stats-{sid:05d}.npz"
 
 
-def _merge_stats(paths: list[Path]) -> tuple[float, np.ndarray, np.ndarray]:
-    n, mean, m2 = 0.0, None, None
+Moments = tuple[float, Any, Any]  # (count, mean, m2) in float64; mean/m2 are None while count is 0
+
+
+def _merge(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s parallel merge of two (count, mean, sum of squared deviations) triples."""
+    (n, mean, m2), (nb, mb, m2b) = a, b
+    if nb == 0:
+        return a
+    if n == 0:
+        return b
+    tot = n + nb
+    delta = mb - mean
+    return tot, mean + delta * (nb / tot), m2 + m2b + delta * delta * (n * nb / tot)
+
+
+def _batch_moments(x: np.ndarray) -> Moments:
+    """Per-position moments of ``x [n, L, C]`` in float64 (one batch at a time: bounded host memory)."""
+    if not len(x):
+        return 0.0, None, None
+    mean = x.mean(0, dtype=np.float64)
+    dev = x.astype(np.float64) - mean
+    return float(len(x)), mean, np.einsum("nlc,nlc->lc", dev, dev)
+
+
+def _merge_stats(paths: list[Path]) -> Moments:
+    acc: Moments = (0.0, None, None)
     for p in paths:
         with np.load(p) as z:
-            nb, mb, m2b = float(z["count"]), z["mean"].astype(np.float64), z["m2"].astype(np.float64)
-        if nb == 0:
-            continue
-        if mean is None:
-            n, mean, m2 = nb, mb, m2b
-            continue
-        tot = n + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (n * nb / tot)
-        n = tot
-    return n, mean, m2
+            acc = _merge(acc, (float(z["count"]), z["mean"].astype(np.float64), z["m2"].astype(np.float64)))
+    return acc
 
 
 def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
@@ -167,6 +182,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         ds = grain.MapDataset.source(idx.tolist()).map(loader)
         it = images_lib.to_batches(ds, local_bs, num_threads=int(cfg.data.num_threads))
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent", "cls", "label", "index", "flip")}
+        moments: Moments = (0.0, None, None)  # the unflipped latents of this shard, merged batch by batch
         for batch in it:
             bad.update(batch)
             valid = np.asarray(batch["valid"])
@@ -175,6 +191,8 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                 g = parallel.host_to_global({"image": np.asarray(batch["image"]), "flip": flip}, mesh)
                 lat, cls = step(g["image"], g["flip"])
                 lat, cls = _local_rows(lat, mesh)[valid], _local_rows(cls, mesh)[valid]
+                if not view:
+                    moments = _merge(moments, _batch_moments(lat))
                 parts["latent"].append(lat)
                 parts["cls"].append(cls)
                 parts["label"].append(np.asarray(batch["label"])[valid])
@@ -186,14 +204,14 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         ex = {k: np.concatenate(v) for k, v in parts.items()}
         order = np.lexsort((ex["flip"], ex["index"]))
         ex = {k: v[order] for k, v in ex.items()}
-        lat64 = ex["latent"][ex["flip"] == 0].astype(np.float64)
-        mean = lat64.mean(0) if len(lat64) else np.zeros((tokens, dim))
-        m2 = ((lat64 - mean) ** 2).sum(0) if len(lat64) else np.zeros((tokens, dim))
+        count, mean, m2 = moments
+        if not count:
+            mean, m2 = np.zeros((tokens, dim)), np.zeros((tokens, dim))
         np.savez(out / f".cls-{sid:05d}.tmp.npz", cls=ex["cls"], index=ex["index"], flip=ex["flip"])
         (out / f".cls-{sid:05d}.tmp.npz").replace(out / f"cls-{sid:05d}.npz")
         writer.write_shard(sid, ex)
         tmp = out / f".stats-{sid:05d}.tmp.npz"
-        np.savez(tmp, count=np.float64(len(lat64)), mean=mean, m2=m2)
+        np.savez(tmp, count=np.float64(count), mean=mean, m2=m2)
         tmp.replace(_shard_stats_path(out, sid))
         written += len(ex["index"])
     bar.close()

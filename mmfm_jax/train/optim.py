@@ -100,7 +100,7 @@ def optimizer_from_config(t: Any) -> tuple[optax.GradientTransformation, optax.S
     """From a ``config.train`` node: ``(tx, lr_fn, ema_decay_fn)``."""
     lr = lr_schedule(t.initial_lr, t.base_lr, t.final_lr, t.initial_phase_steps, t.decay_start_steps,
                      t.decay_end_steps, t.schedule)
-    mu = t.get("adam_mu_dtype", "float32")
+    mu = getattr(t, "adam_mu_dtype", "float32")
     tx = make_optimizer(lr, t.b1, t.b2, t.eps, t.weight_decay, t.clip_grad,
                         None if mu in ("float32", "fp32") else dtype_from_name(mu, "train.adam_mu_dtype"))
     return tx, lr, ema_decay_schedule(t.initial_ema_decay, t.ema_decay, t.initial_phase_steps)
