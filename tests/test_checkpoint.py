@@ -137,3 +137,30 @@ def test_empty_dir_and_preemption_guard(tmp_path):
     it = _mem_iter()
     next(it)
     assert json.loads(lt.iterator_state_bytes(it)) == it.get_state()
+
+
+class WideNet(nnx.Module):  # Net with another hidden width: a checkpoint of Net does not fit it
+    def __init__(self, rngs):
+        init = nnx.initializers.lecun_normal()
+        self.a = nnx.Linear(8, 32, kernel_init=nnx.with_partitioning(init, ("channels", "embed")), rngs=rngs)
+        self.b = nnx.Linear(32, 8, kernel_init=nnx.with_partitioning(init, ("embed", "channels")), rngs=rngs)
+
+
+def test_other_config_or_all_steps_unusable_never_discards_progress(tmp_path):
+    from mmfm_jax.config_utils import ConfigError
+    from mmfm_jax.train.checkpoint import CheckpointMismatchError
+
+    _save_three(tmp_path)
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    target, _, _ = abstract_train_state(WideNet, TX, mesh, seed=1, num_modes=4)
+    with pytest.raises(CheckpointMismatchError, match=r"ema/a/kernel: saved \(8, 16\), now \(8, 32\)") as e:
+        Checkpointer(tmp_path / "ck").restore(target, _mem_iter())
+    assert isinstance(e.value, ConfigError)  # the CLI reports it as a config error (exit code 2)
+    assert Checkpointer(tmp_path / "ck").all_steps() == [1, 2, 3] and not (tmp_path / "ck_corrupt").exists()
+    # every step damaged: stop rather than start fresh, and leave them in place
+    for step in (1, 2, 3):
+        (tmp_path / "ck" / str(step) / "data" / "process_0-of-1.json").unlink()
+    target, _, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)
+    with pytest.raises(RuntimeError, match="no checkpoint step .* can be restored"):
+        Checkpointer(tmp_path / "ck").restore(target, _mem_iter())
+    assert Checkpointer(tmp_path / "ck").all_steps() == [1, 2, 3]

@@ -275,3 +275,13 @@ def test_adam_mu_dtype_and_memory_options_are_validated(repo_dir):
         cfg = load_config(f"{repo_dir}/configs/train.py:tiny", {key: bad})
         with pytest.raises(ConfigError, match=f"config.{key}"):
             train_job.validate(cfg)
+
+
+def test_config_changes_on_resume_are_listed():
+    from mmfm_jax.jobs.train import config_changes
+
+    saved = {"train": {"base_lr": 2e-4, "depth": [28, 2], "num_steps": 4}, "seed": 0, "old": 1}
+    now = {"train": {"base_lr": 1e-4, "depth": (28, 2), "num_steps": 4}, "seed": 0, "new": True}
+    assert config_changes(saved, now) == ["new: '<absent>' -> True", "old: 1 -> '<absent>'",
+                                          "train.base_lr: 0.0002 -> 0.0001"]  # JSON lists equal tuples
+    assert config_changes(None, now) == []

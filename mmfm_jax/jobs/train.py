@@ -10,6 +10,7 @@ an in-memory dataset / a given ``ModeSource`` (the digits demo).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -160,6 +161,21 @@ def _check_shapes(ds, mcfg: DiTDHConfig, source: ModeSource | None, cfg) -> None
             raise ConfigError(f"config.model.num_modes = {mcfg.num_modes} < {source.n_modes} source modes")
 
 
+def config_changes(saved: Any, now: dict, prefix: str = "") -> list[str]:
+    """``['train.base_lr: 0.0002 -> 0.0001', ...]``: the keys whose values differ between a checkpoint's stored
+    config (JSON: tuples became lists) and the current one."""
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif json.loads(json.dumps(a, default=str)) != json.loads(json.dumps(b, default=str)):
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 def run(cfg: ml_collections.ConfigDict, ctx) -> dict[str, Any]:
     return train(cfg, ctx)
 
@@ -209,6 +225,10 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
         start = int(jax.device_get(state.step))
         log.info("resumed from checkpoint step %d%s", restored.step,
                  f" (latest step {restored.fallback_from} was unusable)" if restored.fallback_from else "")
+        changed = config_changes(restored.config, cfg.to_dict())
+        if changed:
+            log.warning("resuming with a config that differs from the checkpoint's in %d keys: %s", len(changed),
+                        "; ".join(changed[:10]))
     else:
         state = init()
         start = 0

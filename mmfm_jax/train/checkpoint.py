@@ -11,6 +11,9 @@ mesh restores onto any other (8 devices -> 1 or 2, other FSDP splits); a checkpo
 processes positions the data iterator at the restored step (one local batch per step on every process).
 If the latest step fails to restore (files truncated, deleted or corrupt) a warning is logged and the previous
 step is tried; the bad step directories are moved to ``<dir>_corrupt/`` so training can write those steps again.
+Two cases never lose progress silently: a checkpoint whose state has other leaves or shapes than the target
+(another model or optimizer config, read from its metadata before any array) raises
+:class:`CheckpointMismatchError`, and when no step at all can be restored the run stops instead of starting fresh.
 """
 
 from __future__ import annotations
@@ -31,8 +34,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmfm_jax import parallel
+from mmfm_jax.config_utils import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ConfigError):
+    """The checkpoint was written for another model or optimizer (its state tree has other leaves or shapes)."""
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{'params/a/kernel': shape, ...}`` for a state, a ``ShapeDtypeStruct`` target or Orbax array metadata."""
+    return {_path_name(p): tuple(int(d) for d in x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree) if hasattr(x, "shape")}
 
 
 class _FrozenIteratorState:
@@ -137,6 +163,7 @@ class Checkpointer:
             return None
         bad: list[int] = []
         for s in steps:
+            self.check_compatible(s, target)
             try:
                 state, config = self._restore_step(s, target, iterator, with_config)
                 ok = True
@@ -150,9 +177,27 @@ class Checkpointer:
                     log.warning("restored checkpoint step %d instead of the latest %d", s, bad[0])
                 return Restored(step=s, state=state, config=config, fallback_from=bad[0] if bad else None)
             bad.append(s)
-        self._quarantine(bad)
-        log.warning("no usable checkpoint in %s (tried steps %s): starting fresh", self.dir, bad)
-        return None
+        raise RuntimeError(f"no checkpoint step in {self.dir} can be restored (tried {bad}; see the warnings). They "
+                           "are left in place: fix the files (or the filesystem), or move them aside to start fresh.")
+
+    def check_compatible(self, step: int, target: Any) -> None:
+        """Raise :class:`CheckpointMismatchError` if ``step``'s saved state has other leaves or shapes than
+        ``target`` (read from the Orbax metadata, no arrays). Unreadable metadata passes: the restore decides."""
+        try:
+            with ocp.StandardCheckpointer() as c:
+                md = c.metadata(self.dir / str(step) / "state")
+            saved = leaf_shapes(getattr(md, "item_metadata", md))
+        except Exception:  # noqa: BLE001  (damaged metadata: the restore that follows reports and falls back)
+            return
+        want = leaf_shapes(target)
+        if not saved or saved == want:
+            return
+        diffs = [f"{k}: saved {saved.get(k, 'absent')}, now {want.get(k, 'absent')}"
+                 for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.dir} was written for another model or optimizer config "
+            f"({len(diffs)} leaves differ; {'; '.join(diffs[:3])}). Resume with the config it was written with "
+            f"({self.dir / str(step) / 'config'}) or use a new workdir; nothing was changed on disk.")
 
     def _quarantine(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
