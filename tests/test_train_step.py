@@ -285,3 +285,17 @@ def test_config_changes_on_resume_are_listed():
     assert config_changes(saved, now) == ["new: '<absent>' -> True", "old: 1 -> '<absent>'",
                                           "train.base_lr: 0.0002 -> 0.0001"]  # JSON lists equal tuples
     assert config_changes(None, now) == []
+
+
+def test_labels_out_of_range_stop_with_a_clear_error(repo_dir, tmp_path):
+    from mmfm_jax.cli import run_job
+    from mmfm_jax.config_utils import load_config
+
+    # the synthetic latents' labels go up to 9: a 4-row label table must not be indexed out of range (jnp.take
+    # would clip or give NaN, and a label of -1 would read the last row)
+    cfg = load_config(f"{repo_dir}/configs/train.py:tiny", {
+        "data.kind": "synthetic", "source.kind": "gaussian", "source.y_from": "label", "model.num_modes": 4,
+        "model.use_y_conditioning": True, "adaptive.enabled": False, "train.num_steps": 2})
+    with pytest.raises(ValueError, match=r"labels in \[\d+, 9\], outside \[0, 4\)"):
+        run_job("train", cfg, tmp_path / "w")
+    assert not any((tmp_path / "w" / "checkpoints").glob("[0-9]*"))  # stopped before any update

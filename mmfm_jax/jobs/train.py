@@ -256,10 +256,24 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
                 f"those steps; the last checkpoint is step {ckpt.latest_step()}. Check the data (NaN/Inf), "
                 "the learning rate, or use train.compute_dtype=float32.")
 
+    # labels index a table when the model sees them or they key the adaptive weights: check their range per batch
+    n_labels = (mcfg.num_modes if scfg.y_from == "label" else
+                scfg.adaptive.num_modes if scfg.adaptive.enabled and scfg.weight_by == "label" else 0)
+
+    def checked(batch):
+        if n_labels and np.size(batch["label"]):
+            lab = np.asarray(batch["label"])
+            if lab.min() < 0 or lab.max() >= n_labels:
+                raise ValueError(
+                    f"train: a batch at step {step + 1} has labels in [{lab.min()}, {lab.max()}], outside [0, "
+                    f"{n_labels}) (source.y_from={scfg.y_from!r}, adaptive.weight_by={scfg.weight_by!r}): the "
+                    "dataset has no usable labels for this config (-1 = unlabelled), or model.num_modes is too small")
+        return batch
+
     try:
         batch = next(it) if step < t.num_steps else None
         while step < t.num_steps:
-            state, m = step_fn(state, put_batch(batch, mesh, scfg), source)
+            state, m = step_fn(state, put_batch(checked(batch), mesh, scfg), source)
             step += 1
             window.append(m)
             if step == start + 1:  # images/s without the compile: time from the end of the first step
