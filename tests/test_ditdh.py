@@ -275,3 +275,20 @@ def test_flops_match_traced_matmuls():
         assert _dot_flops(jaxpr.jaxpr) == ditdh_flops_per_example(cfg)
     xl = ditdh_flops_per_example(ditdh_config("XL"))
     assert 3.2e11 < xl < 3.3e11  # about 323 GFLOP per forward at 256 tokens
+
+
+def test_safetensors_checkpoint_loads_like_the_npz(fx, tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "ditdh.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in fx["sd"].items()}, str(path))
+    with jax.default_matmul_precision("highest"):
+        m = load_official_ditdh(path)  # config inferred from the shapes
+        v = np.asarray(call(m, fx["x"], fx["t"], fx["y"]))
+    assert m.config == ditdh_config("parity")
+    assert rel_err(v, tokens(fx["a"]["output/velocity_cond"])) < 1e-5
+    # a truncated file is a clear error, not a crash or silently missing weights
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_official_ditdh(tmp_path / "cut.safetensors")

@@ -299,3 +299,32 @@ def test_labels_out_of_range_stop_with_a_clear_error(repo_dir, tmp_path):
     with pytest.raises(ValueError, match=r"labels in \[\d+, 9\], outside \[0, 4\)"):
         run_job("train", cfg, tmp_path / "w")
     assert not any((tmp_path / "w" / "checkpoints").glob("[0-9]*"))  # stopped before any update
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float32", 2e-5), ("bfloat16", 2e-2)])
+def test_ditdh_step_sharded_equals_single_device(dtype, rtol):
+    """The real model (tiny DiTDH, mode-conditional, GMM source + mode coupling) on 8 devices with FSDP == 1 device."""
+    from mmfm_jax.models.ditdh import DiTDH, ditdh_config
+
+    mcfg = ditdh_config("tiny", input_size=4, in_channels=C, num_modes=K, dtype=dtype)
+    lat = mcfg.input_size ** 2
+    r = np.random.default_rng(7)
+    src = ModeSource(_source().gmm, np.asarray(r.normal(size=(K, lat, C)), np.float32),
+                     np.asarray(r.uniform(0.1, 0.5, K), np.float32))
+    batch = dict(latent=r.normal(size=(16, lat, C)).astype(np.float32),
+                 cls=r.normal(size=(16, D)).astype(np.float32) * 2, label=np.zeros(16, np.int32))
+    cfg = _cfg(source_kind="gmm_mode", y_from="mode")
+    out = {}
+    for shape, ndev in (((4, 2), 8), ((1, 1), 1)):
+        mesh = parallel.make_mesh(shape, jax.devices()[:ndev])
+        tx, lr_fn, ema_fn = _tx()
+        init, sh, mdef = state_initializer(lambda rr: DiTDH(mcfg, rr), tx, mesh, seed=3, num_modes=K,
+                                           compiler_options=FAST)
+        step = make_train_step(mdef, tx, lr_fn, ema_fn, cfg, mesh, sh, compiler_options=FAST)
+        state, m = step(init(), put_batch(batch, mesh, cfg), shard_source(src, mesh))
+        out[ndev] = jax.device_get((state.params, m))
+    (p8, m8), (p1, m1) = out[8], out[1]
+    assert np.isfinite(m8["loss"]) and m8["loss"] > 0
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=rtol)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=rtol)
+    _close(p8, p1, rtol=rtol, atol=rtol * 1e-2)
