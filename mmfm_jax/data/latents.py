@@ -119,6 +119,29 @@ def decode_records(records: Sequence[bytes], latent_shape: Sequence[int], latent
     )
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a finished (closed) file's data to disk: call before renaming it into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Persist renames in a folder (best effort: some file systems refuse to fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class LatentShardWriter:
     """Writes a latent dataset folder shard by shard (several processes may write disjoint shard ids).
 
@@ -126,7 +149,13 @@ class LatentShardWriter:
     sidecar with its count) and refreshes the manifest (finished shards only, ``complete: false``).
     ``finished_shards()`` lists shard ids already on disk (resume: skip them). ``finalize(stats)`` writes
     ``stats.npz`` and the manifest with ``complete: true``; call it once, after every shard is written.
+    ``cleanup_stale()`` removes temp files a killed run left behind (call it on one process, before any writes).
+    Data files are fsynced before they are renamed into place, so a finished shard survives a power loss too.
     """
+
+    # temp names of write_shard, finalize and utils.write_json_atomic (".<name>.<random>.tmp")
+    STALE_PATTERNS: tuple[str, ...] = (".shard-*.array_record.tmp-*", ".shard-*.json.*.tmp", f".{MANIFEST}.*.tmp",
+                                       f".{STATS}.tmp-*")
 
     def __init__(self, directory: str | os.PathLike, latent_shape: Sequence[int], latent_dtype: str = "bfloat16",
                  cls_dim: int = 0, grid: Sequence[int] | None = None, normalized: bool = True,
@@ -144,6 +173,18 @@ class LatentShardWriter:
         self.extra = dict(extra or {})
         self.update_manifest = update_manifest
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def cleanup_stale(self, extra_patterns: Sequence[str] = ()) -> list[str]:
+        """Delete leftover temp files of a killed run (``STALE_PATTERNS`` + ``extra_patterns``, globs relative to
+        the folder, e.g. a job's own sidecar temps). Returns the removed names. Call it on one process only and
+        before any process writes (another process's in-flight temp file looks the same)."""
+        removed = []
+        for pattern in (*self.STALE_PATTERNS, *extra_patterns):
+            for p in self.dir.glob(pattern):
+                if p.is_file() or p.is_symlink():
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return sorted(removed)
 
     def finished_shards(self) -> list[int]:
         """Shard ids whose data file and sidecar are both in place."""
@@ -168,7 +209,9 @@ class LatentShardWriter:
         for r in recs:
             w.write(r)
         w.close()
+        fsync_file(tmp)
         os.replace(tmp, final)
+        fsync_dir(self.dir)
         idx = np.asarray(examples.get("index", np.arange(len(recs))))
         meta = dict(id=int(shard_id), file=final.name, count=len(recs),
                     index_min=int(idx.min()) if len(recs) else None, index_max=int(idx.max()) if len(recs) else None)
@@ -198,7 +241,9 @@ class LatentShardWriter:
         if stats:
             tmp = self.dir / f".{STATS}.tmp-{os.getpid()}.npz"
             np.savez(tmp, **{k: np.asarray(v) for k, v in stats.items()})
+            fsync_file(tmp)
             os.replace(tmp, self.dir / STATS)
+            fsync_dir(self.dir)
             keys = {k: dict(shape=list(np.shape(v)), dtype=str(np.asarray(v).dtype)) for k, v in stats.items()}
         if self.num_shards is not None and len(self.finished_shards()) != self.num_shards:
             raise RuntimeError(f"finalize: {len(self.finished_shards())} of {self.num_shards} shards are written")
