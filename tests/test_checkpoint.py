@@ -164,3 +164,23 @@ def test_other_config_or_all_steps_unusable_never_discards_progress(tmp_path):
     with pytest.raises(RuntimeError, match="no checkpoint step .* can be restored"):
         Checkpointer(tmp_path / "ck").restore(target, _mem_iter())
     assert Checkpointer(tmp_path / "ck").all_steps() == [1, 2, 3]
+
+
+def test_save_killed_mid_write_is_ignored_and_rewritten(tmp_path):
+    """A process killed during an async save leaves only Orbax's temporary directory (the step directory appears
+    atomically when complete): restore ignores it and the step can be saved again."""
+    ref, positions = _save_three(tmp_path)
+    partial = tmp_path / "ck" / "4.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    target, _, _ = abstract_train_state(Net, TX, mesh, seed=1, num_modes=4)
+    it = _mem_iter()
+    ck = Checkpointer(tmp_path / "ck")
+    assert ck.all_steps() == [1, 2, 3]
+    r = ck.restore(target, it)
+    assert r.step == 3 and r.fallback_from is None
+    np.testing.assert_array_equal(np.asarray(r.state.params["a"]["kernel"]), ref.params["a"]["kernel"] * 3)
+    ck.save(4, r.state, lt.iterator_state_bytes(it), {"step": 4})
+    ck.close()
+    assert Checkpointer(tmp_path / "ck").all_steps() == [2, 3, 4]  # max_to_keep=3
