@@ -50,3 +50,19 @@ def test_bad_pickles(tmp_path):
     trunc.write_bytes(p2.read_bytes()[:50])
     with pytest.raises(official.OfficialPickleError, match="cannot unpickle"):
         official.import_cls_gmm(trunc)
+
+
+def test_spatial_table_blockwise_reorder(tmp_path):
+    import pickle
+
+    from mmfm_jax.gmm import official
+
+    k, c, h, w = 300, 3, 2, 2  # more rows than one conversion block
+    r = np.random.default_rng(0)
+    means = r.normal(size=(k, c * h * w))
+    with open(tmp_path / "s.pkl", "wb") as f:
+        pickle.dump({"means": means, "variances": r.uniform(0.5, 1, k), "weights": np.full(k, 1.0 / k)}, f)
+    tok, var, wts, _ = official.import_spatial_table(tmp_path / "s.pkl", c, h, w)
+    want = means.reshape(k, c, h, w).transpose(0, 2, 3, 1).reshape(k, h * w, c).astype(np.float32)
+    assert tok.dtype == np.float32
+    np.testing.assert_array_equal(tok, want)

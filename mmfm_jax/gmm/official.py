@@ -74,8 +74,12 @@ def import_spatial_table(path: str | os.PathLike, channels: int, height: int, wi
                                   f" for C={channels}, H={height}, W={width}")
     if variances.shape != (k,) or weights.shape != (k,):
         raise OfficialPickleError(f"{path}: variances {variances.shape} / weights {weights.shape}, expected ({k},)")
-    tokens = means.reshape(k, channels, height, width).transpose(0, 2, 3, 1).reshape(k, height * width, channels)
+    # (C, H, W) -> tokens-last, block by block into float32: no second float64 copy of the 12.9 GB official table
+    tokens = np.empty((k, height * width, channels), np.float32)
+    for s in range(0, k, 256):
+        blk = means[s:s + 256].reshape(-1, channels, height, width)
+        tokens[s:s + 256] = blk.transpose(0, 2, 3, 1).reshape(-1, height * width, channels)
     meta = {kk: d.get(kk) for kk in ("config", "metadata")}
     meta["cluster_counts"] = np.asarray(d.get("cluster_counts", np.zeros(k))).tolist()
     meta["source"] = str(path)
-    return tokens.astype(np.float32), variances.astype(np.float32), np.float32(weights / weights.sum()), meta
+    return tokens, variances.astype(np.float32), np.float32(weights / weights.sum()), meta
