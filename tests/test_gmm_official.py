@@ -53,10 +53,6 @@ def test_bad_pickles(tmp_path):
 
 
 def test_spatial_table_blockwise_reorder(tmp_path):
-    import pickle
-
-    from mmfm_jax.gmm import official
-
     k, c, h, w = 300, 3, 2, 2  # more rows than one conversion block
     r = np.random.default_rng(0)
     means = r.normal(size=(k, c * h * w))
