@@ -46,13 +46,16 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    """Write JSON to a temp file in the same folder, flush it to disk, then rename: readers never see half a file,
+    and a file that marks work as finished survives a crash or power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -91,3 +91,97 @@ def test_encode_resume_rewrites_only_missing_shard(encoded, tmp_path):
     after = latents_lib.LatentShards(lat_dir).fetch(np.arange(22))
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
+
+
+def _wait_for(cond, proc, log, timeout=90.0):
+    """Poll ``cond()`` (short sleeps) until true; fail if ``proc`` exits first or on timeout."""
+    import time
+
+    t_end = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"encode subprocess exited early (rc={proc.returncode}):\n{log.read_text()[-4000:]}")
+        if time.monotonic() > t_end:
+            raise AssertionError(f"timed out waiting for the encode subprocess:\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def _manifest_shards(lat_dir):
+    try:
+        return [s["id"] for s in json.loads((lat_dir / latents_lib.MANIFEST).read_text())["shards"]]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_encode_sigkill_then_restart_equals_uninterrupted(encoded, tmp_path, repo_dir):
+    """SIGKILL a real ``python -m mmfm_jax encode`` after its first shard, restart: same dataset as one run.
+
+    The hang point is deterministic without a debug knob: image 8 (shard 1) is a named pipe, so shard 1's loader
+    blocks on it once shard 0 is committed; the kill lands while shard 1 is in flight."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    root_ref, work_ref, _, _ = encoded
+    root = tmp_path / "train"
+    shutil.copytree(root_ref, root)
+    fifo = root / "b" / "img2.JPEG"  # index 8: shard 1
+    real_bytes = fifo.read_bytes()
+    fifo.unlink()
+    os.mkfifo(fifo)
+    work = tmp_path / "run"
+    lat = work / "latents"
+    log = tmp_path / "encode.log"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", MMFM_NO_PROGRESS="1",
+               PYTHONPATH=os.pathsep.join([str(repo_dir), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "mmfm_jax", "encode", f"--config={repo_dir}/configs/encode.py:tiny",
+           f"--config.data.root={root}", f"--workdir={work}"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=repo_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: _manifest_shards(lat) == [0], proc, log)  # shard 0 committed and in the manifest
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the killed run: an incomplete manifest that lists only the finished shard, and nothing of shard 1
+    m = json.loads((lat / latents_lib.MANIFEST).read_text())
+    assert not m["complete"] and [s["id"] for s in m["shards"]] == [0] and m["num_examples"] == 10
+    ds = latents_lib.LatentShards(lat, allow_incomplete=True)
+    assert len(ds) == 10 and not (work / "summary.json").exists() and "encode: 8 devices" in log.read_text()
+    assert not list(lat.glob("*-00001*")) and not (lat / "stats.npz").exists()
+    # temp files of a kill at other moments, then the image back in place, then restart (in-process)
+    stale = [".shard-00001.array_record.tmp-999999", ".cls-00001.tmp.npz", ".stats-00001.tmp.npz",
+             ".manifest.json.x1y2z3.tmp", ".shard-00001.json.q9w8.tmp", ".stats.npz.tmp-999999.npz"]
+    for name in stale:
+        (lat / name).write_bytes(b"partial")
+    fifo.unlink()
+    fifo.write_bytes(real_bytes)
+    mtime0 = (lat / "shard-00000.array_record").stat().st_mtime_ns
+    cfg = load_config(f"{repo_dir}/configs/encode.py:tiny", {"data.root": str(root)})
+    s = run_job("encode", cfg, work)
+    assert s["shards_written_now"] == 1 and s["examples_written_now"] == 12 and s["bad_images"] == 0
+    assert (lat / "shard-00000.array_record").stat().st_mtime_ns == mtime0
+    assert not [p.name for p in lat.iterdir() if ".tmp" in p.name]
+    # == the uninterrupted run (the fixture's): manifest, records per (index, flip), sidecars, statistics
+    ref_dir = work_ref / "latents"
+    assert json.loads((lat / latents_lib.MANIFEST).read_text()) == json.loads((ref_dir / latents_lib.MANIFEST)
+                                                                                .read_text())
+    a, b = (latents_lib.LatentShards(d).fetch(np.arange(22)) for d in (lat, ref_dir))
+    for k in ("index", "flip", "label"):
+        np.testing.assert_array_equal(a[k], b[k])
+    for k in ("latent", "cls"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
+    for sid in range(2):
+        with np.load(lat / f"cls-{sid:05d}.npz") as za, np.load(ref_dir / f"cls-{sid:05d}.npz") as zb:
+            np.testing.assert_array_equal(za["index"], zb["index"])
+            np.testing.assert_allclose(za["cls"], zb["cls"], rtol=1e-5, atol=1e-5)
+    sa, sb = latents_lib.load_stats(lat), latents_lib.load_stats(ref_dir)
+    assert set(sa) == set(sb)
+    for k in sa:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-6, atol=1e-9)

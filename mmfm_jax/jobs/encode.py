@@ -2,11 +2,15 @@
 
 Shard ``s`` holds the examples with global index ``[s * S, (s + 1) * S)`` (S = ``output.examples_per_shard``).
 Processes take the unfinished shards round-robin and step in lockstep; every step encodes one global batch over
-every device of the mesh (each process feeds its own shard's rows). Finished shards are skipped on restart; a
-shard is only marked finished once its file is complete (``LatentShardWriter``), so a killed job never leaves a
-half shard behind. Latents are written raw (``normalized: false``) with ``stats.npz`` beside them; readers
-normalise on the fly. Per-shard sidecars: ``cls-XXXXX.npz`` ([CLS], index, flip: the fit-gmm [CLS] pass reads
-only these) and ``stats-XXXXX.npz`` (partial (count, mean, M2), merged at the end, so resumed runs stay exact).
+every device of the mesh (each process feeds its own shard's rows). Finished shards are skipped on restart.
+Latents are written raw (``normalized: false``) with ``stats.npz`` beside them; readers normalise on the fly.
+Per-shard sidecars: ``cls-XXXXX.npz`` ([CLS], index, flip: the fit-gmm [CLS] pass reads only these) and
+``stats-XXXXX.npz`` (partial (count, mean, M2), merged at the end, so resumed runs stay exact).
+
+Kill safety: a shard is marked finished only by its ``shard-XXXXX.json`` (the commit point, written last, after
+both sidecars and the data file are complete and fsynced: ``LatentShardWriter``), so a killed job never leaves a
+half shard in the manifest. At start, process 0 removes a killed run's temp files and decides which shards are
+left; the list is broadcast, so every process takes the same round-robin.
 
 Pixel paths (spec 2a/2c): ``data.path = 'train'`` (ADM crop 256 -> torch bicubic 224) or ``'cls'`` (ADM crop 224
 directly, the official GMM-fit path). ``output.flip_views`` also encodes each image's horizontal flip (flip=1).
@@ -103,6 +107,9 @@ def _shard_stats_path(out: Path, sid: int) -> Path:
     return out / f"stats-{sid:05d}.npz"
 
 
+STALE_SIDECARS = (".cls-*.tmp.npz", ".stats-*.tmp.npz")  # temp names of _save_npz_atomic
+
+
 Moments = tuple[float, Any, Any]  # (count, mean, m2) in float64; mean/m2 are None while count is 0
 
 
@@ -125,6 +132,32 @@ def _batch_moments(x: np.ndarray) -> Moments:
     mean = x.mean(0, dtype=np.float64)
     dev = x.astype(np.float64) - mean
     return float(len(x)), mean, np.einsum("nlc,nlc->lc", dev, dev)
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` to ``.<stem>.tmp.npz``, fsync, rename: ``path`` is either absent or complete."""
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    latents_lib.fsync_file(tmp)
+    tmp.replace(path)
+
+
+def _shards_to_do(writer: latents_lib.LatentShardWriter, out: Path, n_shards: int) -> list[int]:
+    """Shards without a finished data file or a stats sidecar. Process 0 removes stale temp files and decides;
+    the answer is broadcast, so every process takes the same round-robin (and nobody writes before the cleanup)."""
+    todo = np.ones(n_shards, np.int32)
+    if jax.process_index() == 0:
+        removed = writer.cleanup_stale(STALE_SIDECARS)
+        if removed:
+            log.warning("encode: removed %d temp files of an interrupted run: %s", len(removed), removed[:8])
+        for s in writer.finished_shards():
+            if s < n_shards and _shard_stats_path(out, s).exists():
+                todo[s] = 0
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
+    return [int(s) for s in np.flatnonzero(todo)]
 
 
 def _merge_stats(paths: list[Path]) -> Moments:
@@ -152,8 +185,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                                                       path=cfg.data.path, flip_views=bool(cfg.output.flip_views),
                                                       source=cfg.data.source),
                                            update_manifest=jax.process_index() == 0)
-    done = set(writer.finished_shards())
-    todo = [s for s in range(n_shards) if s not in done or not _shard_stats_path(out, s).exists()]
+    todo = _shards_to_do(writer, out, n_shards)
     log.info("encode: %d images -> %d shards of %d (%d already done), %dx%d tokens x %d", n_total, n_shards,
              per_shard, n_shards - len(todo), grid, grid, dim)
     crop = int(cfg.data.crop_size) if cfg.data.path == "train" else image_size
@@ -207,18 +239,15 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         count, mean, m2 = moments
         if not count:
             mean, m2 = np.zeros((tokens, dim)), np.zeros((tokens, dim))
-        np.savez(out / f".cls-{sid:05d}.tmp.npz", cls=ex["cls"], index=ex["index"], flip=ex["flip"])
-        (out / f".cls-{sid:05d}.tmp.npz").replace(out / f"cls-{sid:05d}.npz")
-        writer.write_shard(sid, ex)
-        tmp = out / f".stats-{sid:05d}.tmp.npz"
-        np.savez(tmp, count=np.float64(count), mean=mean, m2=m2)
-        tmp.replace(_shard_stats_path(out, sid))
+        _save_npz_atomic(out / f"cls-{sid:05d}.npz", cls=ex["cls"], index=ex["index"], flip=ex["flip"])
+        _save_npz_atomic(_shard_stats_path(out, sid), count=np.float64(count), mean=mean, m2=m2)
+        writer.write_shard(sid, ex)  # last: its sidecar json marks the shard finished
         written += len(ex["index"])
     bar.close()
     parallel.sync("encode_shards")
-    summary = dict(images=n_total, shards=n_shards, shards_written_now=len(todo), examples_written_now=written,
-                   output=str(out), grid=[grid, grid], dim=dim)
-    summary.update(_gather_bad(bad))
+    summary = dict(images=n_total, shards=n_shards, shards_written_now=len(todo), output=str(out),
+                   grid=[grid, grid], dim=dim)
+    summary.update(_gather_counts(bad, written))
     if jax.process_index() == 0:
         count, mean, m2 = _merge_stats([_shard_stats_path(out, s) for s in range(n_shards)])
         if cfg.stats.import_path:
@@ -239,14 +268,22 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     return summary
 
 
-def _gather_bad(bad: images_lib.BadImageCounter) -> dict:
+def _gather_counts(bad: images_lib.BadImageCounter, written: int) -> dict:
+    """Bad-image tallies, their first examples (by index) and the examples written, summed over processes."""
     s = bad.summary()
+    keys = list(s["bad_by_reason"])
+    vec = np.asarray([s["seen"], s["bad"], written] + [s["bad_by_reason"][k] for k in keys], np.int64)
+    codes = {r: i for i, r in enumerate(images_lib.REASONS)}
+    ex = np.full((bad.keep, 2), -1, np.int64)  # (index, reason code) rows, -1 = none
+    for i, e in enumerate(s["bad_examples"][: bad.keep]):
+        ex[i] = (e["index"], codes[e["reason"]])
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        keys = list(s["bad_by_reason"])
-        vec = np.asarray([s["seen"], s["bad"]] + [s["bad_by_reason"][k] for k in keys], np.int64)
-        tot = np.asarray(multihost_utils.process_allgather(vec)).reshape(jax.process_count(), -1).sum(0)
-        s.update(seen=int(tot[0]), bad=int(tot[1]), bad_by_reason={k: int(v) for k, v in zip(keys, tot[2:])})
-    return {"images_seen": s["seen"], "bad_images": s["bad"], "bad_by_reason": s["bad_by_reason"],
-            "bad_examples": s["bad_examples"]}
+        vec = np.asarray(multihost_utils.process_allgather(vec)).reshape(jax.process_count(), -1).sum(0)
+        ex = np.asarray(multihost_utils.process_allgather(ex)).reshape(-1, 2)
+    ex = ex[ex[:, 1] >= 0]
+    ex = ex[np.argsort(ex[:, 0], kind="stable")][: bad.keep]
+    return {"images_seen": int(vec[0]), "bad_images": int(vec[1]), "examples_written_now": int(vec[2]),
+            "bad_by_reason": {k: int(v) for k, v in zip(keys, vec[3:])},
+            "bad_examples": [{"index": int(i), "reason": images_lib.REASONS[r]} for i, r in ex]}
