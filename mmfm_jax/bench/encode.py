@@ -3,8 +3,8 @@
 
 Images/s of our DINOv2 (with registers) encoder at 224x224 (the MM-FM path: patch tokens + [CLS] after the
 non-affine final LayerNorm), jitted over every device, and of transformers' PyTorch ``Dinov2WithRegistersModel``
-with the same config and batch on the same machine (needs ``pip install torch==2.13.0``; random weights, eval mode,
-``torch.inference_mode``), with their ratio. ``--devices=N`` (CPU only) splits the host into N XLA CPU devices and
+with the same config and batch on the same machine (needs ``pip install torch==2.13.0 transformers==5.23.0``, the
+``torch`` extra; random weights, eval mode, ``torch.inference_mode``), with their ratio. ``--devices=N`` (CPU only) splits the host into N XLA CPU devices and
 shards the batch over them (XLA:CPU runs a fusion on one thread; PyTorch keeps its own thread count).
 """
 
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     print(f"mmfm_jax (jax {jax.__version__}): {ours:8.2f} images/s")
     theirs = None if a.no_torch else _torch(a.preset, a.batch, a.repeats)
     if theirs is None:
-        print("transformers (PyTorch): not measured (torch not installed or --no-torch)")
+        print("transformers (PyTorch): not measured (torch / transformers not installed, or --no-torch)")
         return
     import torch
 
