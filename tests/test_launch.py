@@ -60,3 +60,24 @@ def test_gpu_pending_script_parses_and_needs_a_part(repo_dir):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     out = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "usage: launch/gpu_pending.sh train|gmm" in out.stderr
+
+
+def test_local_launch_runs_two_processes_for_real(repo_dir, tmp_path):
+    """launch/local.sh starts 2 processes x 4 CPU devices that join one jax.distributed job through the MMFM_*
+    variables: the tiny train job runs 2 steps and checkpoints the data state of both processes."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env["PYTHON"] = sys.executable
+    wd = tmp_path / "run"
+    out = subprocess.run(
+        ["bash", f"{repo_dir}/launch/local.sh", "--processes=2", "--cpu-devices=4", "--timeout=300", "--",
+         "train", f"--config={repo_dir}/configs/train.py:tiny", "--config.train.num_steps=2",
+         "--config.checkpoint.every_steps=2", f"--workdir={wd}"],
+        cwd=repo_dir, env=env, capture_output=True, text=True, timeout=360)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["final_step"] == 2
+    data = wd / "checkpoints" / "2" / "data"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in data.iterdir()}
