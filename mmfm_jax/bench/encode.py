@@ -4,8 +4,9 @@
 Images/s of our DINOv2 (with registers) encoder at 224x224 (the MM-FM path: patch tokens + [CLS] after the
 non-affine final LayerNorm), jitted over every device, and of transformers' PyTorch ``Dinov2WithRegistersModel``
 with the same config and batch on the same machine (needs ``pip install torch==2.13.0 transformers==5.23.0``, the
-``torch`` extra; random weights, eval mode, ``torch.inference_mode``), with their ratio. ``--devices=N`` (CPU only) splits the host into N XLA CPU devices and
-shards the batch over them (XLA:CPU runs a fusion on one thread; PyTorch keeps its own thread count).
+``torch`` extra; random weights, eval mode, ``torch.inference_mode``), with their ratio. ``--devices=N`` (CPU
+only) splits the host into N XLA CPU devices and shards the batch over them (XLA:CPU runs a fusion on one thread;
+PyTorch keeps its own thread count).
 """
 
 from __future__ import annotations
