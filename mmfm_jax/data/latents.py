@@ -48,6 +48,9 @@ LATENT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "bf16": np.dtype(ml_d
 FIELDS = ("latent", "cls", "label", "index", "flip")
 
 
+WRITE_BLOCK = 256  # records encoded at a time by LatentShardWriter.write_shard
+
+
 def _latent_dtype(name: str) -> np.dtype:
     try:
         return LATENT_DTYPES[str(name).lower()]
@@ -202,23 +205,25 @@ class LatentShardWriter:
         """
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        recs = encode_records(examples, self.latent_shape, self.latent_dtype, self.cls_dim)
+        n = len(np.asarray(examples["latent"]))
         final = self.dir / shard_name(shard_id)
         tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
         w = ArrayRecordWriter(str(tmp), "group_size:1")
-        for r in recs:
-            w.write(r)
+        for s in range(0, max(n, 1), WRITE_BLOCK):  # encoded block by block: bounded extra host memory
+            block = {k: np.asarray(v)[s:s + WRITE_BLOCK] for k, v in examples.items()}
+            for r in encode_records(block, self.latent_shape, self.latent_dtype, self.cls_dim):
+                w.write(r)
         w.close()
         fsync_file(tmp)
         os.replace(tmp, final)
         fsync_dir(self.dir)
-        idx = np.asarray(examples.get("index", np.arange(len(recs))))
-        meta = dict(id=int(shard_id), file=final.name, count=len(recs),
-                    index_min=int(idx.min()) if len(recs) else None, index_max=int(idx.max()) if len(recs) else None)
+        idx = np.asarray(examples.get("index", np.arange(n)))
+        meta = dict(id=int(shard_id), file=final.name, count=n,
+                    index_min=int(idx.min()) if n else None, index_max=int(idx.max()) if n else None)
         write_json_atomic(self.dir / f"shard-{int(shard_id):05d}.json", meta)
         if self.update_manifest:
             self._write_manifest(complete=False)
-        return len(recs)
+        return n
 
     def _shards(self) -> list[dict[str, Any]]:
         return [read_json(self.dir / f"shard-{sid:05d}.json") for sid in self.finished_shards()]

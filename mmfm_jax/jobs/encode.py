@@ -186,6 +186,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                                                       source=cfg.data.source),
                                            update_manifest=jax.process_index() == 0)
     todo = _shards_to_do(writer, out, n_shards)
+    store_dtype = latents_lib.LATENT_DTYPES[writer.latent_dtype]
     log.info("encode: %d images -> %d shards of %d (%d already done), %dx%d tokens x %d", n_total, n_shards,
              per_shard, n_shards - len(todo), grid, grid, dim)
     crop = int(cfg.data.crop_size) if cfg.data.path == "train" else image_size
@@ -225,7 +226,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                 lat, cls = _local_rows(lat, mesh)[valid], _local_rows(cls, mesh)[valid]
                 if not view:
                     moments = _merge(moments, _batch_moments(lat))
-                parts["latent"].append(lat)
+                parts["latent"].append(lat.astype(store_dtype))  # held in the storage dtype: half the memory
                 parts["cls"].append(cls)
                 parts["label"].append(np.asarray(batch["label"])[valid])
                 parts["index"].append(np.asarray(batch["index"])[valid])
@@ -234,6 +235,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         if sid is None:
             continue
         ex = {k: np.concatenate(v) for k, v in parts.items()}
+        parts.clear()
         order = np.lexsort((ex["flip"], ex["index"]))
         ex = {k: v[order] for k, v in ex.items()}
         count, mean, m2 = moments
