@@ -1,0 +1,36 @@
+"""Every benchmark runs end to end on a tiny configuration and prints its summary lines (no timing is asserted:
+speed targets live in the benchmarks themselves; this only keeps their code from rotting)."""
+
+import pytest
+
+from mmfm_jax.bench import BENCHES
+
+CASES = {
+    "gmm": (["--n=2048", "--k=8", "--d=16", "--iters=2", "--chunk=256", "--no-sklearn", "--compare=highest"],
+            ["seconds / EM iteration (median)", "held-out mean log-lik (final)", "compare: highest vs highest",
+             "matmul floor"]),
+    "gmm_emulate": (["--n=1024", "--k=8", "--d=16", "--iters=2", "--e=bf16x3", "--m=f32"],
+                    ["E=bf16x3 M=f32", "|difference| after 2 iterations"]),
+    "train": (["--config=configs/train.py:tiny", "--batch=8", "--steps=1", "--dtype=float32",
+               "--set", "source.table_dtype=bfloat16"], ["batch     8:", "best: batch 8"]),
+    "encode": (["--preset=fixture_small", "--batch=8", "--repeats=1", "--no-torch"],
+               ["mmfm_jax (jax", "not measured"]),
+    "sample": (["--preset=tiny", "--guide-preset=tiny", "--modes=16", "--batch=8", "--points=3", "--no-decode",
+                "--dtype=float32", "--repeats=1"], ["images/s"]),
+}
+
+
+def test_every_bench_has_a_smoke_case():
+    assert set(CASES) | {"trace_summary"} == set(BENCHES)  # trace_summary: tests/test_trace_summary.py
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bench_runs(name, capsys, repo_dir, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(repo_dir)
+    argv, expect = CASES[name]
+    importlib.import_module(BENCHES[name]).main([name, *argv])
+    out = capsys.readouterr().out
+    for line in expect:
+        assert line in out, (line, out[-2000:])
