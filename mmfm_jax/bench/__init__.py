@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m mmfm_jax.bench <name> [flags]``. They print side-by-side figures; never run in tests."""
+"""Benchmarks: ``python -m mmfm_jax.bench <name> [flags]``. They print side-by-side figures; tests only smoke-run them
+on tiny configurations (tests/test_bench_smoke.py) and never assert a time."""
 
 BENCHES: dict[str, str] = {
     "gmm": "mmfm_jax.bench.gmm",
