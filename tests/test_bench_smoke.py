@@ -12,7 +12,8 @@ CASES = {
     "gmm_emulate": (["--n=1024", "--k=8", "--d=16", "--iters=2", "--e=bf16x3", "--m=f32"],
                     ["E=bf16x3 M=f32", "|difference| after 2 iterations"]),
     "train": (["--config=configs/train.py:tiny", "--batch=8", "--steps=1", "--dtype=float32",
-               "--set", "source.table_dtype=bfloat16"], ["batch     8:", "best: batch 8"]),
+               "--set", "source.table_dtype=bfloat16", "--trace=TMP"],
+              ["batch     8:", "best: batch 8", "no accelerator kernels in this trace"]),
     "encode": (["--preset=fixture_small", "--batch=8", "--repeats=1", "--no-torch"],
                ["mmfm_jax (jax", "not measured"]),
     "sample": (["--preset=tiny", "--guide-preset=tiny", "--modes=16", "--batch=8", "--points=3", "--no-decode",
@@ -25,11 +26,12 @@ def test_every_bench_has_a_smoke_case():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bench_runs(name, capsys, repo_dir, monkeypatch):
+def test_bench_runs(name, capsys, repo_dir, monkeypatch, tmp_path):
     import importlib
 
     monkeypatch.chdir(repo_dir)
     argv, expect = CASES[name]
+    argv = [a.replace("TMP", str(tmp_path / "trace")) for a in argv]
     importlib.import_module(BENCHES[name]).main([name, *argv])
     out = capsys.readouterr().out
     for line in expect:
