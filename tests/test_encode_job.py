@@ -185,3 +185,28 @@ def test_encode_sigkill_then_restart_equals_uninterrupted(encoded, tmp_path, rep
     assert set(sa) == set(sb)
     for k in sa:
         np.testing.assert_allclose(sa[k], sb[k], rtol=1e-6, atol=1e-9)
+
+
+def test_encode_imports_statistics(encoded, tmp_path, repo_dir):
+    """``stats.import_path``: the dataset's normalisation statistics come from a file (our stats.npz here; the
+    official stat.pt goes through the same load_stats), variance only, shape-checked."""
+    root, work, _, _ = encoded
+    var = np.full((4, 48), 3.0, np.float32)
+    np.savez(tmp_path / "var_only.npz", var=var)
+    cfg = load_config(f"{repo_dir}/configs/encode.py:tiny", {"data.root": str(root),
+                                                             "stats.import_path": str(tmp_path / "var_only.npz")})
+    s = run_job("encode", cfg, tmp_path / "enc")
+    assert s["stats"] == f"imported {tmp_path / 'var_only.npz'}"
+    with np.load(tmp_path / "enc" / "latents" / "stats.npz") as z:
+        np.testing.assert_array_equal(z["var"], var)
+        assert "mean" not in z.files
+    # the records are the same encoder outputs as without the import (statistics are applied when reading)
+    a = latents_lib.LatentShards(work / "latents").fetch(np.arange(4))
+    b = latents_lib.LatentShards(tmp_path / "enc" / "latents").fetch(np.arange(4))
+    np.testing.assert_array_equal(a["latent"], b["latent"])
+    np.savez(tmp_path / "bad.npz", var=np.ones((5, 48), np.float32))
+    bad = load_config(f"{repo_dir}/configs/encode.py:tiny", {"data.root": str(root),
+                                                             "stats.import_path": str(tmp_path / "bad.npz")})
+    with pytest.raises(ValueError, match=r"var has shape \(5, 48\), expected \(4, 48\)"):
+        run_job("encode", bad, tmp_path / "enc_bad")
+    assert not list((tmp_path / "enc_bad").rglob("shard-*"))  # failed before encoding anything

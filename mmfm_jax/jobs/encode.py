@@ -185,6 +185,11 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                                                       path=cfg.data.path, flip_views=bool(cfg.output.flip_views),
                                                       source=cfg.data.source),
                                            update_manifest=jax.process_index() == 0)
+    imported = None
+    if cfg.stats.import_path:  # read (and shape-checked) before any encoding: a bad file fails fast
+        from mmfm_jax.data.stats import load_stats
+
+        imported = load_stats(cfg.stats.import_path, tokens, dim)
     todo = _shards_to_do(writer, out, n_shards)
     store_dtype = latents_lib.LATENT_DTYPES[writer.latent_dtype]
     log.info("encode: %d images -> %d shards of %d (%d already done), %dx%d tokens x %d", n_total, n_shards,
@@ -252,10 +257,8 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     summary.update(_gather_counts(bad, written))
     if jax.process_index() == 0:
         count, mean, m2 = _merge_stats([_shard_stats_path(out, s) for s in range(n_shards)])
-        if cfg.stats.import_path:
-            from mmfm_jax.data.stats import load_stats
-
-            var, smean = load_stats(cfg.stats.import_path, tokens, dim)
+        if imported is not None:
+            var, smean = imported
             stats = {"var": var} if smean is None else {"var": var, "mean": smean}
             summary["stats"] = f"imported {cfg.stats.import_path}"
         else:
