@@ -7,38 +7,16 @@ padding (an uneven last round). Each process meets one bad image, so the summary
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import mp_encode_worker as w
 import numpy as np
-import portpicker
+from mp_launch import run_workers
 
 from mmfm_jax.cli import run_job
 from mmfm_jax.data import latents as latents_lib
 
-WORKER = os.path.join(os.path.dirname(__file__), "mp_encode_worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _launch(args, timeout=180):
-    port = portpicker.pick_unused_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, WORKER, str(pid), str(port), *map(str, args)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, f"worker failed (rc={p.returncode}):\n{out[-4000:]}"
 
 
 def _by_example(ds: latents_lib.LatentShards) -> dict[str, np.ndarray]:
@@ -50,7 +28,7 @@ def _by_example(ds: latents_lib.LatentShards) -> dict[str, np.ndarray]:
 def test_two_processes_encode_like_one(tmp_path):
     root = w.make_images(tmp_path / "imgs" / "train")
     mp_work, mp_lat = tmp_path / "mp", tmp_path / "mp_latents"
-    _launch([root, mp_work, mp_lat])
+    run_workers("mp_encode_worker.py", [root, mp_work, mp_lat], timeout=180)
     sp_work, sp_lat = tmp_path / "sp", tmp_path / "sp_latents"
     assert jax.process_count() == 1 and jax.device_count() == 8
     s1 = run_job("encode", w.encode_config(REPO, root, sp_lat), sp_work)
@@ -72,7 +50,7 @@ def test_two_processes_encode_like_one(tmp_path):
     (mp_lat / ".shard-00001.array_record.tmp-424242").write_bytes(b"half a shard")
     (mp_lat / ".stats-00002.tmp.npz").write_bytes(b"half a sidecar")
     mtime0 = (mp_lat / "shard-00000.array_record").stat().st_mtime_ns
-    _launch([root, mp_work, mp_lat])
+    run_workers("mp_encode_worker.py", [root, mp_work, mp_lat], timeout=180)
     for p in range(2):
         s = json.loads((mp_work / f"summary-{p}.json").read_text())
         assert s["shards_written_now"] == 1 and s["examples_written_now"] == 10

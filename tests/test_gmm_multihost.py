@@ -1,38 +1,13 @@
 """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) fit the same GMM as one process with 8 devices."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import mp_gmm_worker as w
 import numpy as np
-import portpicker
+from mp_launch import run_workers
 
 from mmfm_jax import parallel
 from mmfm_jax.gmm import em, io
-
-WORKER = os.path.join(os.path.dirname(__file__), "mp_gmm_worker.py")
-
-
-def _launch(out_dir, timeout=240):
-    port = portpicker.pick_unused_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, WORKER, str(pid), str(port), str(out_dir)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, f"worker failed (rc={p.returncode}):\n{out[-4000:]}"
 
 
 def _close(a, b):
@@ -40,7 +15,7 @@ def _close(a, b):
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    _launch(tmp_path)
+    run_workers("mp_gmm_worker.py", [tmp_path])
     r = dict(np.load(tmp_path / "results.npz"))
     mesh = parallel.make_mesh()
     assert jax.process_count() == 1 and mesh.devices.size == 8

@@ -193,18 +193,13 @@ def test_restore_onto_1_and_2_devices(tmp_path_factory):
 
 
 def test_two_processes_four_devices_each(tmp_path_factory):
-    import portpicker
+    from mp_launch import run_workers
 
     base = _baseline(tmp_path_factory)
     root, wd = base["root"], base["root"] / "mp"
-    port = portpicker.pick_unused_port()
     env = _env(root, devices=4)
     env.pop("JAX_NUM_CPU_DEVICES")
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "mp_train_worker.py"), str(i), str(port), str(wd),
-                               str(base["source"])], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    outs = run_workers("mp_train_worker.py", [wd, base["source"]], timeout=300, env=env, cwd=str(REPO))
     assert "MP_OK" in outs[0]
     assert sorted(f.name for f in (wd / "checkpoints" / "6" / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
