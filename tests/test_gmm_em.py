@@ -317,15 +317,17 @@ def test_fused_bf16x3_gemms_and_fit():
     np.testing.assert_allclose(np.asarray(g16.means), np.asarray(g32.means), rtol=1e-3, atol=1e-3)
 
 
-def test_exact_top_fixes_the_lower_bound_of_collapsed_components():
+@pytest.mark.parametrize("d,offset,point", [(64, 1.5, 0.7), (16, 4.0, 7.5)])
+def test_exact_top_fixes_the_lower_bound_of_collapsed_components(d, offset, point):
     """A component collapsed onto one point (variance reg_covar, precision 1e6): the expanded GEMM form loses its
     log-density at that point to rounding (~prec * x^2 * eps per feature); ``exact_top`` recomputes each row's
-    largest term directly; ``score`` is that E-step. Features are O(1), as for layer-normed [CLS] tokens."""
+    likely winners directly; ``score`` is that E-step. The second case has features far from the data mean, where
+    rounding ranks the collapsed component below another at its own point: the bound-shifted second candidate
+    catches it."""
     from mmfm_jax.bench.gmm import exact_loglik
 
     r = np.random.default_rng(2)
-    d = 64
-    x = np.concatenate([r.normal(size=(100, d)) + 1.5 * (c - 1) for c in range(3)] + [np.full((1, d), 0.7)])
+    x = np.concatenate([r.normal(size=(100, d)) + offset * (c - 1) for c in range(3)] + [np.full((1, d), point)])
     x = x.astype(np.float32)
     means = np.stack([x[:100].mean(0), x[100:200].mean(0), x[200:300].mean(0), x[300]]).astype(np.float32)
     var = np.stack([x[:100].var(0), x[100:200].var(0), x[200:300].var(0), np.full(d, 1e-6)]).astype(np.float32)
@@ -342,3 +344,12 @@ def test_exact_top_fixes_the_lower_bound_of_collapsed_components():
     assert abs(lb["highest", True] - want) < 1e-5 * abs(want)
     _, info = em.fit(x, 4, init=init, max_iter=1, tol=0.0, precision="bf16x3_fused")
     assert info["exact_top"] and info["history"][0]["lower_bound"] == lb["bf16x3_fused", True]  # the default
+
+
+def test_rounding_bounds_per_algorithm():
+    from mmfm_jax.gmm import precision as gp
+
+    b = {p: gp.rounding_bound(gp.matmul_precision(p)) for p in
+         ("highest", "high", "default", "bf16x3_fused", "tf32_tf32_f32", "bf16_bf16_f32", "bf16_bf16_f32_x6")}
+    assert b["bf16_bf16_f32"] > b["default"] == b["tf32_tf32_f32"] > b["bf16x3_fused"] == b["high"] > b["highest"]
+    assert b["highest"] == b["bf16_bf16_f32_x6"] == 2.0 ** -18  # the fp32 accumulation floor

@@ -200,8 +200,9 @@ def _m_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
 def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk: int, k: int, d: int,
                 precision: tuple[Any, Any], exact_top: bool = False) -> Callable:
     """Jitted ``step(x, params, shift, reg_covar, nk_eps) -> (new_params, mean log-likelihood of params)``.
-    ``precision``: ``(E-step GEMM, M-step GEMM)``. ``exact_top``: recompute each row's largest logit directly,
-    ``log w_k - 0.5 (D log 2 pi + sum log var_k + sum prec_k (x - mu_k)^2)`` in fp32, before the softmax."""
+    ``precision``: ``(E-step GEMM, M-step GEMM)``. ``exact_top``: recompute each row's likely winners directly,
+    ``log w_k - 0.5 (D log 2 pi + sum log var_k + sum prec_k (x - mu_k)^2)`` in fp32, before the softmax
+    (:func:`mmfm_jax.gmm.precision.refine_top`)."""
     e_prec, m_prec = precision
     n_chunks = -(-local_len // chunk)
 
@@ -212,17 +213,15 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
         base = jnp.log(weights) - 0.5 * (d * math.log(2 * math.pi) + jnp.sum(jnp.log(variances), -1))
         const = base - 0.5 * jnp.sum(mu * mu * prec, -1)
         w = gp.prepare_e_weights(jnp.concatenate([prec, -2.0 * mu * prec], axis=1), e_prec)  # [K, 2D] (or split)
+        bound = gp.rounding_terms(mu, prec) if exact_top else None
 
         def body(carry, i):
             start = jnp.minimum(i * chunk, local_len - chunk)
             xc = lax.dynamic_slice_in_dim(xl, start, chunk, 0).astype(jnp.float32) - shift
             a = jnp.concatenate([xc * xc, xc], axis=1)  # [C, 2D]
             logits = const - 0.5 * _e_gemm(a, w, e_prec)
-            if exact_top:  # the expanded form's rounding grows with prec * x^2; the winner is recomputed directly
-                top = jnp.argmax(logits, axis=1)
-                diff = xc - jnp.take(mu, top, axis=0)
-                direct = jnp.take(base, top) - 0.5 * jnp.sum(jnp.take(prec, top, axis=0) * diff * diff, axis=1)
-                logits = jnp.where(jnp.arange(k)[None, :] == top[:, None], direct[:, None], logits)
+            if exact_top:  # the expanded form's rounding grows with prec * x^2: recompute the likely winners
+                logits = gp.refine_top(logits, xc, mu, prec, base, bound, e_prec)
             rows = start + jnp.arange(chunk)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
             mx = jnp.max(logits, axis=1, keepdims=True)
@@ -302,13 +301,13 @@ def fit(
     also for the k-means++ distances, fp32 for ``bf16x3_fused``): ``highest`` = true fp32 (default); ``default``
     lets GPUs use TF32; ``bf16x3_fused`` (3-pass bf16 split as few large GEMMs, :mod:`mmfm_jax.gmm.precision`); a
     ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3``; or ``'E,M'`` / a pair for the E-step and M-step
-    GEMMs separately. ``exact_top`` (default: on unless the E-step is ``highest``): recompute each row's largest
-    log-density directly, ``sum prec (x - mu)^2`` in fp32, instead of taking it from the expanded GEMM form, whose
-    rounding grows with ``prec * x^2``: with one-pass TF32 the reported lower bound is otherwise off by 50-140
-    nats per sample (collapsed components, variance ~ ``reg_covar``), with ``bf16x3_fused`` by ~1 nat, with fp32 by
-    ~0.005; with it ``bf16x3_fused`` and fp32 match a float64 evaluation of the same parameters to < 1e-4 and TF32
-    once EM settles (README, "GMM EM"). A collapsed component that rounding ranks below another at its own point
-    is not recomputed (features far from the data mean in units of its std).
+    GEMMs separately. ``exact_top`` (default: on unless the E-step is ``highest``): recompute each row's two likely
+    winners directly, ``sum prec (x - mu)^2`` in fp32, instead of taking them from the expanded GEMM form, whose
+    rounding grows with ``prec * x^2`` (the row's argmax, and the argmax after adding a bound on that rounding,
+    which catches a collapsed component ranked too low at its own point; ``precision.refine_top``). Without it the
+    reported lower bound is off by 50-140 nats per sample with one-pass TF32 (collapsed components, variance ~
+    ``reg_covar``), by ~1 nat with ``bf16x3_fused``, by ~0.005 with fp32; with it ``bf16x3_fused`` and fp32 match a
+    float64 evaluation of the same parameters to < 1e-4, and TF32 once EM settles (README, "GMM EM").
     ``nk_eps``: sklearn's ``N_k += 10 eps``; the default is float32's eps (sklearn on float32 data, as in the
     official fit); it biases a component's variance up by about ``nk_eps / N_k * (mean - shift)^2`` (visible only
     for near-empty or collapsed components and in the k-means++ initial variances); ``10 * float64 eps`` gives

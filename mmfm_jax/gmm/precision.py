@@ -101,3 +101,47 @@ def m_step_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
     width = a.shape[1]
     both = _dot_f32(r_hi, jnp.concatenate([a_hi, a_lo], axis=1), DIMS_TN)  # [K, 4D]: hi.hi and hi.lo
     return both[:, :width] + (both[:, width:] + _dot_f32(r_lo, a_hi, DIMS_TN))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# exact_top: recompute the winners of the expanded form directly
+
+_ROUNDING = {FUSED_BF16X3: 2.0 ** -15, "TF32_TF32_F32": 2.0 ** -10, "BF16_BF16_F32": 2.0 ** -7,
+             "BF16_BF16_BF16": 2.0 ** -7, "F16_F16_F32": 2.0 ** -10, "BF16_BF16_F32_X3": 2.0 ** -15}
+_ACCUMULATION = 2.0 ** -18  # fp32 sums of ~1.5k products: the floor for every algorithm
+
+
+def rounding_bound(precision: Any) -> float:
+    """A generous relative error bound of one E-step GEMM entry (w.r.t. the sum of its |products|)."""
+    name = precision if isinstance(precision, str) else getattr(precision, "name", str(precision))
+    if precision == lax.Precision.DEFAULT:
+        name = "TF32_TF32_F32"  # GPUs run DEFAULT fp32 dots as one TF32 pass
+    elif precision == lax.Precision.HIGH:
+        name = "BF16_BF16_F32_X3"
+    return max(_ROUNDING.get(str(name).upper() if name != FUSED_BF16X3 else name, _ACCUMULATION), _ACCUMULATION)
+
+
+def rounding_terms(mu: jax.Array, prec: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-component pieces of the E-step's rounding bound: ``(prec [K, D], prec |mu| [K, D], sum prec mu^2 [K])``
+    (``mu`` shifted like the data)."""
+    return prec, prec * jnp.abs(mu), jnp.sum(prec * mu * mu, -1)
+
+
+def refine_top(logits: jax.Array, xc: jax.Array, mu: jax.Array, prec: jax.Array, base: jax.Array,
+               terms: tuple[jax.Array, jax.Array, jax.Array], precision: Any) -> jax.Array:
+    """Replace two likely winners of each row of ``logits [C, K]`` by their direct fp32 values
+    ``base_k - 0.5 sum_d prec_kd (x_d - mu_kd)^2`` (``xc [C, D]`` and ``mu`` shifted alike): the row's argmax, and
+    the argmax of ``logits + bound_k``, where ``bound_k`` bounds the expanded form's rounding error over this chunk
+    (``eps * (prec_k . r + 2 (prec_k |mu_k|) . sqrt(r) + sum prec_k mu_k^2)``, ``r_d = max_rows xc_d^2``). The second
+    catches a collapsed component (variance ~ reg_covar) that rounding ranked below another at its own point.
+    Recomputing can only make a logit more accurate."""
+    p, pa, c2 = terms
+    r = jnp.max(xc * xc, axis=0)  # [D]
+    bound = rounding_bound(precision) * (p @ r + 2.0 * (pa @ jnp.sqrt(r)) + c2)  # [K]
+    cols = jnp.arange(logits.shape[1])[None, :]
+    out = logits
+    for cand in (jnp.argmax(logits, axis=1), jnp.argmax(logits + bound[None, :], axis=1)):
+        diff = xc - jnp.take(mu, cand, axis=0)
+        direct = jnp.take(base, cand) - 0.5 * jnp.sum(jnp.take(prec, cand, axis=0) * diff * diff, axis=1)
+        out = jnp.where(cols == cand[:, None], direct[:, None], out)
+    return out
