@@ -80,9 +80,9 @@ def initial_params(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.nda
     return np.full(k, 1.0 / k, np.float32), means, var
 
 
-def matmul_rate(mesh, chunk: int, d: int, k: int, precision: str, reps: int = 5) -> float:
-    """FLOP/s of the E-step chunk GEMM [chunk, 2D] @ [2D, K] as EM runs it with ``precision`` (a multi-pass
-    algorithm counts the FLOPs of one fp32 GEMM), on every device of ``mesh`` at once."""
+def matmul_rate(mesh, chunk: int, d: int, k: int, precision: object, reps: int = 5) -> float:
+    """FLOP/s of the E-step chunk GEMM [chunk, 2D] @ [2D, K] as EM runs it with ``precision`` (a name or a parsed
+    value; a multi-pass algorithm counts the FLOPs of one fp32 GEMM), on every device of ``mesh`` at once."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -141,14 +141,17 @@ def run_sklearn(x: np.ndarray, init, iters: int, reg_covar: float = 1e-6) -> tup
     return secs, lbs, (gm.weights_, gm.means_, gm.covariances_)
 
 
+def _exact_top(a) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[a.exact_top]
+
+
 def _compare(a, data, held, k: int, init, info: dict, held_ll: float) -> None:
     """Fit again with ``--compare`` precision from the same start; print both fits' per-iteration lower bounds, held-out
     log-likelihoods and speeds (each fit's lower bound is its own E-step's, so both carry their rounding)."""
     from mmfm_jax.gmm import diag, em
 
-    top = {"auto": None, "on": True, "off": False}[a.exact_top]
     g2, info2 = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
-                       precision=a.compare, exact_top=top)
+                       precision=a.compare, exact_top=_exact_top(a))
     lb1 = [h["lower_bound"] for h in info["history"]]
     lb2 = [h["lower_bound"] for h in info2["history"]]
     t1 = statistics.median([h["seconds"] for h in info["history"]][1:])
@@ -173,6 +176,7 @@ def main(argv: list[str]) -> None:
 
     from mmfm_jax import parallel
     from mmfm_jax.gmm import diag, em
+    from mmfm_jax.gmm.precision import step_precisions
 
     backend = jax.default_backend()
     imagenet = a.scale == "imagenet"
@@ -194,16 +198,15 @@ def main(argv: list[str]) -> None:
     data = em.shard_samples(x, mesh)
     jax.block_until_ready(data.x)
     t_put = time.perf_counter() - t
-    top = {"auto": None, "on": True, "off": False}[a.exact_top]
     g, info = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
-                     precision=a.precision, exact_top=top)
+                     precision=a.precision, exact_top=_exact_top(a))
     ours_secs = [h["seconds"] for h in info["history"]]
     ours = statistics.median(ours_secs[1:])
     ours_lbs = [h["lower_bound"] for h in info["history"]]
     held = em.shard_samples(make_data(max(1024, min(n // 4, 65536)), d, a.seed, stream=1), mesh)
     held_ll = em.score(held, g, chunk_size=a.chunk)
 
-    steps = [q.strip() for q in a.precision.split(",")] if "," in a.precision else [a.precision] * 2
+    steps = step_precisions(a.precision)
     rates = {q: matmul_rate(mesh, min(a.chunk, data.local_len), d, k, q) for q in dict.fromkeys(steps)}
     flop = 8.0 * n * d * k
     floor = sum(flop / 2 / rates[q] for q in steps)  # half the FLOPs in each step's GEMM
@@ -258,7 +261,7 @@ def main(argv: list[str]) -> None:
 
         for _ in range(2):  # the first call compiles
             t = time.perf_counter()
-            kmeanspp.kmeans_plusplus_indices(data, k, seed=a.seed, precision=a.precision.split(',')[0])
+            kmeanspp.kmeans_plusplus_indices(data, k, seed=a.seed, precision=steps[0])
             t_kpp = time.perf_counter() - t
         print(f"k-means++ init (K={k}, {kmeanspp.n_local_trials_default(k)} trials/center): {t_kpp:.2f} s at N={n}"
               + (f"; linear extrapolation to N={IMAGENET_N}: {t_kpp * IMAGENET_N / n:.1f} s" if imagenet else ""))

@@ -213,7 +213,6 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
         base = jnp.log(weights) - 0.5 * (d * math.log(2 * math.pi) + jnp.sum(jnp.log(variances), -1))
         const = base - 0.5 * jnp.sum(mu * mu * prec, -1)
         w = gp.prepare_e_weights(jnp.concatenate([prec, -2.0 * mu * prec], axis=1), e_prec)  # [K, 2D] (or split)
-        bound = gp.rounding_terms(mu, prec) if exact_top else None
 
         def body(carry, i):
             start = jnp.minimum(i * chunk, local_len - chunk)
@@ -221,7 +220,7 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             a = jnp.concatenate([xc * xc, xc], axis=1)  # [C, 2D]
             logits = const - 0.5 * _e_gemm(a, w, e_prec)
             if exact_top:  # the expanded form's rounding grows with prec * x^2: recompute the likely winners
-                logits = gp.refine_top(logits, xc, mu, prec, base, bound, e_prec)
+                logits = gp.refine_top(logits, xc, mu, prec, base, e_prec)
             rows = start + jnp.arange(chunk)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
             mx = jnp.max(logits, axis=1, keepdims=True)
@@ -340,8 +339,7 @@ def fit(
             _check_params(init, k, d)
             params, how = replicate(init, mesh), "given"
         elif init == "k-means++":
-            init_indices = kmeanspp.kmeans_plusplus_indices(data, k, seed=seed,
-                                                             precision=gp.lax_precision(step_precisions(precision)[0]))
+            init_indices = kmeanspp.kmeans_plusplus_indices(data, k, seed=seed, precision=step_precisions(precision)[0])
             params = kmeanspp.params_from_indices(data, init_indices, reg_covar=reg_covar, nk_eps=nk_eps)
             how = "k-means++"
         else:

@@ -121,23 +121,16 @@ def rounding_bound(precision: Any) -> float:
     return max(_ROUNDING.get(str(name).upper() if name != FUSED_BF16X3 else name, _ACCUMULATION), _ACCUMULATION)
 
 
-def rounding_terms(mu: jax.Array, prec: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-component pieces of the E-step's rounding bound: ``(prec [K, D], prec |mu| [K, D], sum prec mu^2 [K])``
-    (``mu`` shifted like the data)."""
-    return prec, prec * jnp.abs(mu), jnp.sum(prec * mu * mu, -1)
-
-
 def refine_top(logits: jax.Array, xc: jax.Array, mu: jax.Array, prec: jax.Array, base: jax.Array,
-               terms: tuple[jax.Array, jax.Array, jax.Array], precision: Any) -> jax.Array:
+               precision: Any) -> jax.Array:
     """Replace two likely winners of each row of ``logits [C, K]`` by their direct fp32 values
-    ``base_k - 0.5 sum_d prec_kd (x_d - mu_kd)^2`` (``xc [C, D]`` and ``mu`` shifted alike): the row's argmax, and
-    the argmax of ``logits + bound_k``, where ``bound_k`` bounds the expanded form's rounding error over this chunk
-    (``eps * (prec_k . r + 2 (prec_k |mu_k|) . sqrt(r) + sum prec_k mu_k^2)``, ``r_d = max_rows xc_d^2``). The second
-    catches a collapsed component (variance ~ reg_covar) that rounding ranked below another at its own point.
-    Recomputing can only make a logit more accurate."""
-    p, pa, c2 = terms
-    r = jnp.max(xc * xc, axis=0)  # [D]
-    bound = rounding_bound(precision) * (p @ r + 2.0 * (pa @ jnp.sqrt(r)) + c2)  # [K]
+    ``base_k - 0.5 sum_d prec_kd (x_d - mu_kd)^2`` (``xc [C, D]`` and ``mu [K, D]`` shifted alike): the row's argmax,
+    and the argmax of ``logits + bound_k``, where ``bound_k = eps * sum_d prec_kd (sqrt(r_d) + |mu_kd|)^2`` bounds
+    the expanded form's rounding error over this chunk (``r_d = max_rows xc_d^2``). The second catches a collapsed
+    component (variance ~ reg_covar) that rounding ranked below another at its own point. Recomputing can only
+    make a logit more accurate."""
+    span = jnp.sqrt(jnp.max(xc * xc, axis=0))[None, :] + jnp.abs(mu)  # [K, D]
+    bound = rounding_bound(precision) * jnp.sum(prec * span * span, axis=-1)  # [K]
     cols = jnp.arange(logits.shape[1])[None, :]
     out = logits
     for cand in (jnp.argmax(logits, axis=1), jnp.argmax(logits + bound[None, :], axis=1)):
