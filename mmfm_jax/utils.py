@@ -45,17 +45,59 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a finished (closed) file's data to disk: call before renaming it into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Persist renames in a folder (best effort: some file systems refuse to fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_beside(path: Path, suffix: str) -> str:
+    """A new hidden temp file ``.<name>.<random><suffix>`` in ``path``'s folder (TEMP_GLOB matches it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+TEMP_GLOB = ".*.tmp*"  # what the atomic writers leave behind if killed before the rename
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temp file in the same folder, flush it to disk, then rename: readers never see half a file,
     and a file that marks work as finished survives a crash or power loss."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    tmp = _temp_beside(path, ".tmp")
+    with open(tmp, "w") as f:
         json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
+    """``np.savez`` to a temp file in the same folder, fsync, rename: ``path`` is either absent or complete."""
+    path = Path(path)
+    tmp = _temp_beside(path, ".tmp.npz")
+    np.savez(tmp, **arrays)
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 

@@ -35,7 +35,7 @@ import grain
 import ml_dtypes
 import numpy as np
 
-from mmfm_jax.utils import read_json, write_json_atomic
+from mmfm_jax.utils import TEMP_GLOB, fsync_dir, fsync_file, read_json, save_npz_atomic, write_json_atomic
 
 FORMAT = "mmfm-latents"
 VERSION = 1
@@ -122,29 +122,6 @@ def decode_records(records: Sequence[bytes], latent_shape: Sequence[int], latent
     )
 
 
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a finished (closed) file's data to disk: call before renaming it into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist renames in a folder (best effort: some file systems refuse to fsync a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class LatentShardWriter:
     """Writes a latent dataset folder shard by shard (several processes may write disjoint shard ids).
 
@@ -155,10 +132,6 @@ class LatentShardWriter:
     ``cleanup_stale()`` removes temp files a killed run left behind (call it on one process, before any writes).
     Data files are fsynced before they are renamed into place, so a finished shard survives a power loss too.
     """
-
-    # temp names of write_shard, finalize and utils.write_json_atomic (".<name>.<random>.tmp")
-    STALE_PATTERNS: tuple[str, ...] = (".shard-*.array_record.tmp-*", ".shard-*.json.*.tmp", f".{MANIFEST}.*.tmp",
-                                       f".{STATS}.tmp-*")
 
     def __init__(self, directory: str | os.PathLike, latent_shape: Sequence[int], latent_dtype: str = "bfloat16",
                  cls_dim: int = 0, grid: Sequence[int] | None = None, normalized: bool = True,
@@ -177,16 +150,15 @@ class LatentShardWriter:
         self.update_manifest = update_manifest
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def cleanup_stale(self, extra_patterns: Sequence[str] = ()) -> list[str]:
-        """Delete leftover temp files of a killed run (``STALE_PATTERNS`` + ``extra_patterns``, globs relative to
-        the folder, e.g. a job's own sidecar temps). Returns the removed names. Call it on one process only and
-        before any process writes (another process's in-flight temp file looks the same)."""
+    def cleanup_stale(self) -> list[str]:
+        """Delete leftover temp files of a killed run (``utils.TEMP_GLOB``: the hidden temps of ``write_shard`` and
+        of the atomic JSON/npz writers, also those a job writes beside the shards). Returns the removed names. Call
+        it on one process only and before any process writes (another process's in-flight temp looks the same)."""
         removed = []
-        for pattern in (*self.STALE_PATTERNS, *extra_patterns):
-            for p in self.dir.glob(pattern):
-                if p.is_file() or p.is_symlink():
-                    p.unlink(missing_ok=True)
-                    removed.append(p.name)
+        for p in self.dir.glob(TEMP_GLOB):
+            if p.is_file() or p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
         return sorted(removed)
 
     def finished_shards(self) -> list[int]:
@@ -244,10 +216,7 @@ class LatentShardWriter:
         """Write ``stats.npz`` (e.g. ``var`` [L, C], optional ``mean``, ``eps``) and the final manifest."""
         keys = {}
         if stats:
-            tmp = self.dir / f".{STATS}.tmp-{os.getpid()}.npz"
-            np.savez(tmp, **{k: np.asarray(v) for k, v in stats.items()})
-            fsync_file(tmp)
-            os.replace(tmp, self.dir / STATS)
+            save_npz_atomic(self.dir / STATS, **{k: np.asarray(v) for k, v in stats.items()})
             fsync_dir(self.dir)
             keys = {k: dict(shape=list(np.shape(v)), dtype=str(np.asarray(v).dtype)) for k, v in stats.items()}
         if self.num_shards is not None and len(self.finished_shards()) != self.num_shards:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmfm_jax.convert.common import CheckpointError, torch_load, torch_to_numpy
+from mmfm_jax.utils import save_npz_atomic
 
 NORM_EPS = 1e-5
 
@@ -56,6 +58,33 @@ def update(stats: RunningStats, latents: jax.Array, valid: jax.Array) -> Running
     return merge(stats, RunningStats(n, mean, m2))
 
 
+# Host counterpart in float64 (exact over 1.28M images; the encode job's per-shard statistics), same formulas.
+Moments = tuple[float, Any, Any]  # (count, mean [L, C], m2 [L, C]) float64; mean/m2 are None while count is 0
+NO_MOMENTS: Moments = (0.0, None, None)
+
+
+def batch_moments(x: np.ndarray) -> Moments:
+    """Per-position moments of ``x [n, L, C]`` in float64."""
+    if not len(x):
+        return NO_MOMENTS
+    mean = x.mean(0, dtype=np.float64)
+    dev = x.astype(np.float64) - mean
+    return float(len(x)), mean, np.einsum("nlc,nlc->lc", dev, dev)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s parallel merge of two (count, mean, sum of squared deviations) triples (:func:`merge` on the
+    host)."""
+    (n, mean, m2), (nb, mb, m2b) = a, b
+    if nb == 0:
+        return a
+    if n == 0:
+        return b
+    tot = n + nb
+    delta = mb - mean
+    return tot, mean + delta * (nb / tot), m2 + m2b + delta * delta * (n * nb / tot)
+
+
 def variance(stats: RunningStats) -> np.ndarray:
     """Population variance [L, C] (ddof 0)."""
     return np.asarray(stats.m2) / max(float(stats.count), 1.0)
@@ -65,9 +94,7 @@ def save_stats(path: str | os.PathLike, var: np.ndarray, mean: np.ndarray | None
     arrays = {"var": np.asarray(var, np.float32), "count": np.float64(count)}
     if mean is not None:
         arrays["mean"] = np.asarray(mean, np.float32)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    save_npz_atomic(path, **arrays)
 
 
 def load_stats(path: str | os.PathLike, tokens: int | None = None, channels: int | None = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import grain
 import jax
@@ -34,9 +33,10 @@ from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.data import images as images_lib
 from mmfm_jax.data import latents as latents_lib
+from mmfm_jax.data import stats as stats_lib
 from mmfm_jax.data.preprocess import mmfm_pixels
 from mmfm_jax.models.dinov2 import Dinov2, Dinov2Config, encode_mmfm
-from mmfm_jax.utils import progress
+from mmfm_jax.utils import progress, save_npz_atomic
 
 DEFAULT_CONFIG = "encode.py:tiny"
 log = logging.getLogger("mmfm_jax")
@@ -107,47 +107,12 @@ def _shard_stats_path(out: Path, sid: int) -> Path:
     return out / f"stats-{sid:05d}.npz"
 
 
-STALE_SIDECARS = (".cls-*.tmp.npz", ".stats-*.tmp.npz")  # temp names of _save_npz_atomic
-
-
-Moments = tuple[float, Any, Any]  # (count, mean, m2) in float64; mean/m2 are None while count is 0
-
-
-def _merge(a: Moments, b: Moments) -> Moments:
-    """Chan et al.'s parallel merge of two (count, mean, sum of squared deviations) triples."""
-    (n, mean, m2), (nb, mb, m2b) = a, b
-    if nb == 0:
-        return a
-    if n == 0:
-        return b
-    tot = n + nb
-    delta = mb - mean
-    return tot, mean + delta * (nb / tot), m2 + m2b + delta * delta * (n * nb / tot)
-
-
-def _batch_moments(x: np.ndarray) -> Moments:
-    """Per-position moments of ``x [n, L, C]`` in float64 (one batch at a time: bounded host memory)."""
-    if not len(x):
-        return 0.0, None, None
-    mean = x.mean(0, dtype=np.float64)
-    dev = x.astype(np.float64) - mean
-    return float(len(x)), mean, np.einsum("nlc,nlc->lc", dev, dev)
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez`` to ``.<stem>.tmp.npz``, fsync, rename: ``path`` is either absent or complete."""
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    latents_lib.fsync_file(tmp)
-    tmp.replace(path)
-
-
 def _shards_to_do(writer: latents_lib.LatentShardWriter, out: Path, n_shards: int) -> list[int]:
     """Shards without a finished data file or a stats sidecar. Process 0 removes stale temp files and decides;
     the answer is broadcast, so every process takes the same round-robin (and nobody writes before the cleanup)."""
     todo = np.ones(n_shards, np.int32)
     if jax.process_index() == 0:
-        removed = writer.cleanup_stale(STALE_SIDECARS)
+        removed = writer.cleanup_stale()
         if removed:
             log.warning("encode: removed %d temp files of an interrupted run: %s", len(removed), removed[:8])
         for s in writer.finished_shards():
@@ -160,11 +125,12 @@ def _shards_to_do(writer: latents_lib.LatentShardWriter, out: Path, n_shards: in
     return [int(s) for s in np.flatnonzero(todo)]
 
 
-def _merge_stats(paths: list[Path]) -> Moments:
-    acc: Moments = (0.0, None, None)
+def _merge_stats(paths: list[Path]) -> stats_lib.Moments:
+    acc = stats_lib.NO_MOMENTS
     for p in paths:
         with np.load(p) as z:
-            acc = _merge(acc, (float(z["count"]), z["mean"].astype(np.float64), z["m2"].astype(np.float64)))
+            acc = stats_lib.merge_moments(acc, (float(z["count"]), z["mean"].astype(np.float64),
+                                                z["m2"].astype(np.float64)))
     return acc
 
 
@@ -187,9 +153,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                                            update_manifest=jax.process_index() == 0)
     imported = None
     if cfg.stats.import_path:  # read (and shape-checked) before any encoding: a bad file fails fast
-        from mmfm_jax.data.stats import load_stats
-
-        imported = load_stats(cfg.stats.import_path, tokens, dim)
+        imported = stats_lib.load_stats(cfg.stats.import_path, tokens, dim)
     todo = _shards_to_do(writer, out, n_shards)
     store_dtype = latents_lib.LATENT_DTYPES[writer.latent_dtype]
     log.info("encode: %d images -> %d shards of %d (%d already done), %dx%d tokens x %d", n_total, n_shards,
@@ -220,7 +184,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         ds = grain.MapDataset.source(idx.tolist()).map(loader)
         it = images_lib.to_batches(ds, local_bs, num_threads=int(cfg.data.num_threads))
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent", "cls", "label", "index", "flip")}
-        moments: Moments = (0.0, None, None)  # the unflipped latents of this shard, merged batch by batch
+        moments = stats_lib.NO_MOMENTS  # of the unflipped latents of this shard, merged batch by batch
         for batch in it:
             bad.update(batch)
             valid = np.asarray(batch["valid"])
@@ -230,7 +194,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                 lat, cls = step(g["image"], g["flip"])
                 lat, cls = _local_rows(lat, mesh)[valid], _local_rows(cls, mesh)[valid]
                 if not view:
-                    moments = _merge(moments, _batch_moments(lat))
+                    moments = stats_lib.merge_moments(moments, stats_lib.batch_moments(lat))
                 parts["latent"].append(lat.astype(store_dtype))  # held in the storage dtype: half the memory
                 parts["cls"].append(cls)
                 parts["label"].append(np.asarray(batch["label"])[valid])
@@ -246,8 +210,8 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         count, mean, m2 = moments
         if not count:
             mean, m2 = np.zeros((tokens, dim)), np.zeros((tokens, dim))
-        _save_npz_atomic(out / f"cls-{sid:05d}.npz", cls=ex["cls"], index=ex["index"], flip=ex["flip"])
-        _save_npz_atomic(_shard_stats_path(out, sid), count=np.float64(count), mean=mean, m2=m2)
+        save_npz_atomic(out / f"cls-{sid:05d}.npz", cls=ex["cls"], index=ex["index"], flip=ex["flip"])
+        save_npz_atomic(_shard_stats_path(out, sid), count=np.float64(count), mean=mean, m2=m2)
         writer.write_shard(sid, ex)  # last: its sidecar json marks the shard finished
         written += len(ex["index"])
     bar.close()

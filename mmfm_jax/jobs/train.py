@@ -39,8 +39,8 @@ from mmfm_jax.utils import parse_compiler_options, progress
 DEFAULT_CONFIG = "train.py:tiny"
 log = logging.getLogger("mmfm_jax.train")
 _COMPILED: dict[Any, Any] = {}
+STORAGE_DTYPES = ("float32", "bfloat16")  # source.table_dtype, train.adam_mu_dtype
 # the config.train fields the compiled init/step depend on (beyond the model and step configs)
-TABLE_DTYPES = ("float32", "bfloat16")
 _PROGRAM_KEYS = ("initial_lr", "base_lr", "final_lr", "initial_phase_steps", "decay_start_steps", "decay_end_steps",
                  "schedule", "b1", "b2", "eps", "weight_decay", "clip_grad", "initial_ema_decay", "ema_decay",
                  "compiler_options", "adam_mu_dtype")
@@ -68,8 +68,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check_choice(cfg, "source.kind", ("gaussian", "gmm_indep", "gmm_mode"))
     check_choice(cfg, "source.assignment", ("soft", "hard"))
     check_choice(cfg, "source.y_from", ("none", "mode", "label"))
-    check_choice(cfg, "source.table_dtype", TABLE_DTYPES)
-    check_choice(cfg, "train.adam_mu_dtype", ("float32", "bfloat16"))
+    check_choice(cfg, "source.table_dtype", STORAGE_DTYPES)
+    check_choice(cfg, "train.adam_mu_dtype", STORAGE_DTYPES)
     if cfg.source.kind != "gaussian":
         check(cfg, "source.path", lambda v: bool(v), "must name a ModeSource folder (fit-gmm) for a GMM source")
     if cfg.source.y_from == "mode":
