@@ -17,7 +17,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            init="k-means++", seed=42, chunk_size=4096, checkpoint_every=1,
                                            # GEMM precision: fp32 (default); on GPUs 'bf16x3_fused' (3-pass bf16
                                            # split, fits as well as fp32) or 'tf32_tf32_f32,highest' (README, "GMM EM")
-                                           precision="highest"))
+                                           precision="highest",
+                                           # 0: dense M-step (sklearn); m > 0: each row's m largest
+                                           # responsibilities only, left-out mass reported (em.fit m_step_top)
+                                           m_step_top=0))
     c.spatial = ml_collections.ConfigDict(dict(enabled=True, flip=True, compensated=True, shift="none"))
     c.import_official = ml_collections.ConfigDict(dict(cls_pkl="", spatial_pkl=""))
     variant = arg or "imagenet"

@@ -137,3 +137,24 @@ def test_read_cls_needs_a_finished_dataset_and_reads_only_listed_shards(tmp_path
                       "label": np.zeros(4, np.int32), "index": np.arange(4), "flip": np.zeros(4, np.int32)})
     with pytest.raises(ValueError, match="not complete"):
         read_cls(inc)
+
+
+def test_sparse_m_step_option(fitted, tmp_path, repo_dir):
+    """``gmm.m_step_top``: validated (the error names the key); the job's fit equals the dense one and its summary
+    reports the left-out mass."""
+    from mmfm_jax.config_utils import ConfigError
+    from mmfm_jax.jobs import fit_gmm
+
+    data, work, cfg, s, _, _ = fitted
+    bad = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"data.latents_dir": str(data), "gmm.m_step_top": -1})
+    with pytest.raises(ConfigError, match="gmm.m_step_top"):
+        fit_gmm.validate(bad)
+    cfg1 = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"data.latents_dir": str(data), "gmm.m_step_top": 1,
+                                                               "spatial.enabled": False})
+    s1 = run_job("fit-gmm", cfg1, tmp_path / "w")
+    assert s1["em"]["m_step_top"] == 1 and s1["em"]["m_step_dropped"] <= 1e-7
+    assert s1["em"]["n_iter"] == s["em"]["n_iter"]
+    g0, _ = gmm_io.load_gmm(work / "cls_gmm")
+    g1, _ = gmm_io.load_gmm(tmp_path / "w" / "cls_gmm")
+    np.testing.assert_allclose(np.asarray(g1.means), np.asarray(g0.means), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g1.variances), np.asarray(g0.variances), rtol=1e-4)

@@ -46,7 +46,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-exact", dest="exact", action="store_false",
                    help="skip the float64 host evaluation of both final models")
     p.add_argument("--compare", default="",
-                   help="also fit with this precision from the same start (e.g. highest) and print the differences")
+                   help="also fit with this precision (and the dense M-step) from the same start (e.g. highest) and "
+                        "print the differences")
+    p.add_argument("--m-step-top", type=int, default=0,
+                   help="sparse M-step: each row's m largest responsibilities only (em.fit's m_step_top; 0: dense)")
     p.add_argument("--exact-top", choices=("auto", "on", "off"), default="auto",
                    help="recompute each row's largest log-density directly (em.fit's exact_top; auto: unless the "
                         "E-step is highest)")
@@ -151,13 +154,14 @@ def _compare(a, data, held, k: int, init, info: dict, held_ll: float) -> None:
     from mmfm_jax.gmm import diag, em
 
     g2, info2 = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
-                       precision=a.compare, exact_top=_exact_top(a))
+                       precision=a.compare, exact_top=_exact_top(a))  # dense M-step: the reference
     lb1 = [h["lower_bound"] for h in info["history"]]
     lb2 = [h["lower_bound"] for h in info2["history"]]
     t1 = statistics.median([h["seconds"] for h in info["history"]][1:])
     t2 = statistics.median([h["seconds"] for h in info2["history"]][1:])
     held2 = em.score(held, g2, chunk_size=a.chunk)
-    print(f"compare: {a.precision} vs {a.compare} from the same start")
+    sparse = f", m_step_top={a.m_step_top}" if a.m_step_top else ""
+    print(f"compare: {a.precision}{sparse} vs {a.compare} from the same start")
     print("  lower bounds    " + " ".join(f"{x:.4f}" for x in lb1))
     print("  vs              " + " ".join(f"{x:.4f}" for x in lb2))
     print(f"  max |lower bound difference| {max(abs(x - y) for x, y in zip(lb1, lb2)):.4f}; held-out "
@@ -188,7 +192,8 @@ def main(argv: list[str]) -> None:
     n_dev = int(mesh.devices.size)
     dev = jax.devices()[0]
     print(f"# GMM EM bench: backend={backend} ({dev.device_kind}) devices={n_dev} cpu_count={os.cpu_count()} "
-          f"N={n} D={d} K={k} iters={a.iters} chunk={a.chunk} precision={a.precision}", flush=True)
+          f"N={n} D={d} K={k} iters={a.iters} chunk={a.chunk} precision={a.precision} m_step_top={a.m_step_top}",
+          flush=True)
     t = time.perf_counter()
     x = make_data(n, d, a.seed)
     init = initial_params(x, k, a.seed)
@@ -199,7 +204,7 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready(data.x)
     t_put = time.perf_counter() - t
     g, info = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
-                     precision=a.precision, exact_top=_exact_top(a))
+                     precision=a.precision, exact_top=_exact_top(a), m_step_top=a.m_step_top)
     ours_secs = [h["seconds"] for h in info["history"]]
     ours = statistics.median(ours_secs[1:])
     ours_lbs = [h["lower_bound"] for h in info["history"]]
@@ -209,7 +214,8 @@ def main(argv: list[str]) -> None:
     steps = step_precisions(a.precision)
     rates = {q: matmul_rate(mesh, min(a.chunk, data.local_len), d, k, q) for q in dict.fromkeys(steps)}
     flop = 8.0 * n * d * k
-    floor = sum(flop / 2 / rates[q] for q in steps)  # half the FLOPs in each step's GEMM
+    gemm_steps = steps[:1] if info["m_step_top"] else steps  # a sparse M-step has no GEMM
+    floor = sum(flop / 2 / rates[q] for q in gemm_steps)  # half the FLOPs in each step's GEMM
     rate = flop / floor
 
     sk_secs, sk_lbs, sk_params = (run_sklearn(x, init, a.iters) if use_sk else ([], [], None))
@@ -227,6 +233,11 @@ def main(argv: list[str]) -> None:
     print(f"{f'lower bound after {a.iters} iterations':36s}{ours_lbs[-1]:16.6f}{(sk_lbs or [nan])[-1]:16.6f}")
     print(f"{'held-out mean log-lik (final)':36s}{held_ll:16.6f}   ({held.n} new rows, fp32 + exact top term; "
           f"exact_top={info['exact_top']})")
+    if info["m_step_top"]:
+        dense = "/".join(str(h["m_step_dense_chunks"]) for h in info["history"])
+        print(f"{'sparse M-step: left-out mass / row':36s}{info['history'][-1]['m_step_dropped']:16.3e}   (last "
+              f"iteration; max {info['m_step_dropped']:.3e}; m_step_top={info['m_step_top']}; dense chunks per "
+              f"iteration {dense} of {info['n_chunks']})")
     print()
     if a.compare:
         _compare(a, data, held, k, init, info, held_ll)

@@ -54,6 +54,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check_positive(cfg, "gmm.tol", allow_zero=True)
         check_positive(cfg, "gmm.reg_covar")
         check_positive(cfg, "gmm.chunk_size")
+        check(cfg, "gmm.m_step_top", lambda v: int(v) >= 0 and int(v) == v, "must be an integer >= 0 (0: dense)")
         check(cfg, "gmm.init", lambda v: v in ("k-means++", "random_from_data"), "must be 'k-means++'")
         check_positive(cfg, "data.batch_size")
         check_choice(cfg, "spatial.shift", ("none", "mean"))
@@ -116,7 +117,8 @@ def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[d
 
     gmm, info = em.fit(cls, int(g.n_components), mesh=ctx.mesh, seed=int(g.seed), init=g.init,
                        max_iter=int(g.max_iter), tol=float(g.tol), reg_covar=float(g.reg_covar),
-                       chunk_size=int(g.chunk_size), state=state, on_iteration=on_iteration, precision=g.precision)
+                       chunk_size=int(g.chunk_size), state=state, on_iteration=on_iteration, precision=g.precision,
+                       m_step_top=int(g.m_step_top))
     ctx_progress.close()
     return gmm, info
 

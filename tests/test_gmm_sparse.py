@@ -1,0 +1,86 @@
+"""Sparse M-step (``em.fit(m_step_top=m)``): the kept-top-m statistics against numpy, the per-chunk dense fallback,
+and whole fits that match the dense M-step."""
+
+import jax
+import numpy as np
+import pytest
+
+from mmfm_jax import parallel
+from mmfm_jax.gmm import em, sparse
+
+
+def _resp(rng, c, k, sharp):
+    logits = sharp * rng.normal(size=(c, k))
+    r = np.exp(logits - logits.max(1, keepdims=True))
+    return (r / r.sum(1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_top_m_stats_equal_the_masked_dense_sums(m):
+    rng = np.random.default_rng(m)
+    r = _resp(rng, 40, 7, sharp=2.0)
+    r[5] = 0.0  # a padding row contributes nothing
+    r[6] = [0.25, 0.25, 0.25, 0.25, 0, 0, 0]  # ties: the lower index first
+    a = rng.normal(size=(40, 5)).astype(np.float32)
+    nk, s, left = (np.asarray(v, np.float64) for v in jax.jit(sparse.top_m_stats, static_argnums=2)(r, a, m))
+    keep = np.zeros_like(r, bool)
+    order = np.argsort(-r, axis=1, kind="stable")[:, :m]
+    np.put_along_axis(keep, order, True, axis=1)
+    kept = np.where(keep, r, 0.0).astype(np.float64)
+    np.testing.assert_allclose(nk, kept.sum(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s, kept.T @ a.astype(np.float64), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(left, np.where(keep, 0.0, r).sum(1), rtol=1e-5, atol=1e-7)
+    assert left[5] == 0.0 and left[6] == pytest.approx(max(0.0, 1.0 - 0.25 * m))
+    with pytest.raises(ValueError, match="m_step_top"):
+        sparse.top_m_stats(r, a, 7)
+
+
+def test_chunk_stats_fall_back_to_the_dense_gemm():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(32, 6)).astype(np.float32)
+
+    def dense(r, x):
+        return r.T @ x
+
+    fn = jax.jit(lambda r: sparse.chunk_stats(r, a, 2, 1e-6, dense))
+    sharp = np.eye(8, dtype=np.float32)[rng.integers(0, 8, 32)]
+    sharp = (0.999999999 * sharp + 1e-10 * (1 - sharp)).astype(np.float32)
+    nk, s, worst, n_dense = fn(sharp)
+    assert int(n_dense) == 0 and 0 < float(worst) <= 1e-6
+    np.testing.assert_allclose(np.asarray(s), sharp.T @ a, atol=1e-5)
+    fuzzy = _resp(rng, 32, 8, sharp=0.5)  # top-2 hold far less than 1 - 1e-6 of each row
+    nk, s, worst, n_dense = fn(fuzzy)
+    assert int(n_dense) == 1 and float(worst) == 0.0
+    np.testing.assert_allclose(np.asarray(s), np.asarray(dense(fuzzy, a)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(nk), fuzzy.sum(0), rtol=1e-6)
+
+
+def test_sparse_fit_matches_the_dense_fit_on_8_devices():
+    """Overlapping blobs and a k-means++ start: early iterations leave out more than the tolerance in some chunks
+    (those run dense), settled ones run sparse; the trajectory is the dense one."""
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(5, 10)) * 2.0
+    x = (centers[rng.integers(0, 5, 1203)] + rng.normal(size=(1203, 10))).astype(np.float32)
+    mesh = parallel.make_mesh(None, jax.devices()[:8])
+    g0, i0 = em.fit(x, 5, mesh=mesh, seed=3, max_iter=12, tol=0.0, chunk_size=24)
+    g1, i1 = em.fit(x, 5, mesh=mesh, seed=3, max_iter=12, tol=0.0, chunk_size=24, m_step_top=2)
+    dense_chunks = [h["m_step_dense_chunks"] for h in i1["history"]]
+    assert i1["n_chunks"] == 8 * 7 and i1["m_step_top"] == 2
+    assert max(dense_chunks) > 0, dense_chunks  # the fallback was exercised ...
+    assert dense_chunks[-1] < i1["n_chunks"] and min(dense_chunks) < max(dense_chunks)  # ... and so was the sparse path
+    assert i1["m_step_dropped"] <= 1e-7
+    np.testing.assert_allclose([h["lower_bound"] for h in i1["history"]], [h["lower_bound"] for h in i0["history"]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g1.means), np.asarray(g0.means), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g1.variances), np.asarray(g0.variances), rtol=1e-4)
+    assert "m_step_dense_chunks" not in i0["history"][0] and i0["m_step_top"] == 0
+
+
+def test_sparse_fit_arguments():
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="m_step_top"):
+        em.fit(x, 4, m_step_top=-1)
+    with pytest.raises(ValueError, match="m_step_tol"):
+        em.fit(x, 4, m_step_top=1, m_step_tol=1.5)
+    _, info = em.fit(x, 4, m_step_top=4, max_iter=2)  # keeping every component is the dense M-step
+    assert info["m_step_top"] == 0
