@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            # split, fits as well as fp32) or 'tf32_tf32_f32,highest' (README, "GMM EM")
                                            precision="highest",
                                            # 0: dense M-step (sklearn); m > 0: each row's m largest
-                                           # responsibilities only, left-out mass reported (em.fit m_step_top)
+                                           # responsibilities, rows leaving out > 1e-7 completed (em.fit)
                                            m_step_top=0))
     c.spatial = ml_collections.ConfigDict(dict(enabled=True, flip=True, compensated=True, shift="none"))
     c.import_official = ml_collections.ConfigDict(dict(cls_pkl="", spatial_pkl=""))

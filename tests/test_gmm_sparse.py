@@ -22,7 +22,7 @@ def test_top_m_stats_equal_the_masked_dense_sums(m):
     r[5] = 0.0  # a padding row contributes nothing
     r[6] = [0.25, 0.25, 0.25, 0.25, 0, 0, 0]  # ties: the lower index first
     a = rng.normal(size=(40, 5)).astype(np.float32)
-    nk, s, left = (np.asarray(v, np.float64) for v in jax.jit(sparse.top_m_stats, static_argnums=2)(r, a, m))
+    nk, s, left, rest = (np.asarray(v, np.float64) for v in jax.jit(sparse.top_m_stats, static_argnums=2)(r, a, m))
     keep = np.zeros_like(r, bool)
     order = np.argsort(-r, axis=1, kind="stable")[:, :m]
     np.put_along_axis(keep, order, True, axis=1)
@@ -30,29 +30,37 @@ def test_top_m_stats_equal_the_masked_dense_sums(m):
     np.testing.assert_allclose(nk, kept.sum(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(s, kept.T @ a.astype(np.float64), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(left, np.where(keep, 0.0, r).sum(1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(rest, np.where(keep, 0.0, r))
     assert left[5] == 0.0 and left[6] == pytest.approx(max(0.0, 1.0 - 0.25 * m))
     with pytest.raises(ValueError, match="m_step_top"):
         sparse.top_m_stats(r, a, 7)
 
 
-def test_chunk_stats_fall_back_to_the_dense_gemm():
+def test_chunk_stats_complete_fuzzy_rows_or_fall_back_to_the_dense_gemm():
+    """No fuzzy row: top-m only; up to C/16 fuzzy rows: those rows completed by a small GEMM (exact); more: dense."""
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(32, 6)).astype(np.float32)
+    c, k = 64, 8
+    a = rng.normal(size=(c, 6)).astype(np.float32)
 
     def dense(r, x):
         return r.T @ x
 
     fn = jax.jit(lambda r: sparse.chunk_stats(r, a, 2, 1e-6, dense))
-    sharp = np.eye(8, dtype=np.float32)[rng.integers(0, 8, 32)]
-    sharp = (0.999999999 * sharp + 1e-10 * (1 - sharp)).astype(np.float32)
-    nk, s, worst, n_dense = fn(sharp)
-    assert int(n_dense) == 0 and 0 < float(worst) <= 1e-6
-    np.testing.assert_allclose(np.asarray(s), sharp.T @ a, atol=1e-5)
-    fuzzy = _resp(rng, 32, 8, sharp=0.5)  # top-2 hold far less than 1 - 1e-6 of each row
-    nk, s, worst, n_dense = fn(fuzzy)
-    assert int(n_dense) == 1 and float(worst) == 0.0
-    np.testing.assert_allclose(np.asarray(s), np.asarray(dense(fuzzy, a)), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(nk), fuzzy.sum(0), rtol=1e-6)
+    hot = np.eye(k, dtype=np.float32)[rng.integers(0, k, c)]
+    sharp = (0.999999999 * hot + 1e-10 * (1 - hot)).astype(np.float32)
+    fuzzy = _resp(rng, c, k, sharp=0.5)  # the top 2 hold far less than 1 - 1e-6 of each row
+    for n_fuzzy, want_dense in ((0, 0), (3, 0), (4, 0), (5, 1), (c, 1)):
+        r = sharp.copy()
+        r[:n_fuzzy] = fuzzy[:n_fuzzy]
+        nk, s, worst, n_dense, n_fixed = (np.asarray(v) for v in fn(r))
+        assert int(n_dense) == want_dense and int(n_fixed) == (n_fuzzy if 0 < n_fuzzy <= c // 16 else 0)
+        assert 0 <= float(worst) <= 1e-6
+        np.testing.assert_allclose(s, r.T @ a, atol=1e-5)  # exact up to the sharp rows' 6e-10 left out
+        np.testing.assert_allclose(nk, r.sum(0), rtol=1e-6)
+    r = sharp.copy()
+    r[:3] = fuzzy[:3]
+    s_sparse = np.asarray(jax.jit(sparse.top_m_stats, static_argnums=2)(r, a, 2)[1])
+    assert np.abs(s_sparse - r.T @ a).max() > 1e-2  # the completion did matter
 
 
 def test_sparse_fit_matches_the_dense_fit_on_8_devices():
@@ -68,6 +76,7 @@ def test_sparse_fit_matches_the_dense_fit_on_8_devices():
     assert i1["n_chunks"] == 8 * 7 and i1["m_step_top"] == 2
     assert max(dense_chunks) > 0, dense_chunks  # the fallback was exercised ...
     assert dense_chunks[-1] < i1["n_chunks"] and min(dense_chunks) < max(dense_chunks)  # ... and so was the sparse path
+    assert sum(h["m_step_completed_rows"] for h in i1["history"]) > 0  # ... and the per-row completion
     assert i1["m_step_dropped"] <= 1e-7
     np.testing.assert_allclose([h["lower_bound"] for h in i1["history"]], [h["lower_bound"] for h in i0["history"]],
                                rtol=1e-6)

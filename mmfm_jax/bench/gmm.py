@@ -235,9 +235,11 @@ def main(argv: list[str]) -> None:
           f"exact_top={info['exact_top']})")
     if info["m_step_top"]:
         dense = "/".join(str(h["m_step_dense_chunks"]) for h in info["history"])
+        fixed = "/".join(str(h["m_step_completed_rows"]) for h in info["history"])
         print(f"{'sparse M-step: left-out mass / row':36s}{info['history'][-1]['m_step_dropped']:16.3e}   (last "
               f"iteration; max {info['m_step_dropped']:.3e}; m_step_top={info['m_step_top']}; dense chunks per "
-              f"iteration {dense} of {info['n_chunks']})")
+              f"iteration {dense} of {info['n_chunks']}; rows completed densely {fixed})")
+        print(f"{'  seconds per iteration':36s}" + " ".join(f"{h['seconds']:.4f}" for h in info["history"]))
     print()
     if a.compare:
         _compare(a, data, held, k, init, info, held_ll)

@@ -201,8 +201,8 @@ def _m_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
 def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk: int, k: int, d: int,
                 precision: tuple[Any, Any], exact_top: bool = False, m_top: int = 0, m_tol: float = 0.0) -> Callable:
     """Jitted ``step(x, params, shift, reg_covar, nk_eps) -> (new_params, mean log-likelihood of params,
-    (largest left-out mass of a row, number of chunks that ran dense))``; ``m_top`` > 0: sparse M-step where each
-    row leaves out at most ``m_tol`` (:mod:`mmfm_jax.gmm.sparse`).
+    (largest left-out mass of a row, [chunks that ran dense, rows completed densely]))``; ``m_top`` > 0: sparse
+    M-step where each row leaves out at most ``m_tol`` (:mod:`mmfm_jax.gmm.sparse`).
     ``precision``: ``(E-step GEMM, M-step GEMM)``. ``exact_top``: recompute each row's likely winners directly,
     ``log w_k - 0.5 (D log 2 pi + sum log var_k + sum prec_k (x - mu_k)^2)`` in fp32, before the softmax
     (:func:`mmfm_jax.gmm.precision.refine_top`)."""
@@ -232,18 +232,21 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             r = e * jnp.where(valid, 1.0 / s, 0.0)[:, None]
             lse = mx[:, 0] + jnp.log(s)
             if m_top:
-                nk_c, s_c, drop, n_dense = sparse.chunk_stats(r, a, m_top, m_tol,
-                                                              functools.partial(_m_gemm, precision=m_prec))
+                def dense(r_, a_):
+                    return _m_gemm(r_, a_, m_prec)
+
+                nk_c, s_c, drop, n_dense, n_fixed = sparse.chunk_stats(r, a, m_top, m_tol, dense)
             else:
-                nk_c, s_c, drop, n_dense = jnp.sum(r, 0), _m_gemm(r, a, m_prec), jnp.float32(0), jnp.int32(1)
-            kahan, dmax, dense = carry
+                nk_c, s_c, drop, n_dense, n_fixed = (jnp.sum(r, 0), _m_gemm(r, a, m_prec), jnp.float32(0),
+                                                     jnp.int32(1), jnp.int32(0))
+            kahan, dmax, counts = carry
             new = (nk_c, s_c, jnp.sum(jnp.where(valid, lse, 0.0)))
-            return (_kahan(kahan, new), jnp.maximum(dmax, drop), dense + n_dense), None
+            return (_kahan(kahan, new), jnp.maximum(dmax, drop), counts + jnp.stack([n_dense, n_fixed])), None
 
         zeros = (jnp.zeros((k,), jnp.float32), jnp.zeros((k, 2 * d), jnp.float32), jnp.zeros((), jnp.float32))
-        init = ((zeros, zeros), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        ((tot, _), dmax, dense), _ = lax.scan(body, init, jnp.arange(n_chunks))
-        return psum(tot, axes), (lax.pmax(dmax, axes) if axes else dmax, psum(dense, axes))
+        init = ((zeros, zeros), jnp.zeros((), jnp.float32), jnp.zeros((2,), jnp.int32))
+        ((tot, _), dmax, counts), _ = lax.scan(body, init, jnp.arange(n_chunks))
+        return psum(tot, axes), (lax.pmax(dmax, axes) if axes else dmax, psum(counts, axes))
 
     xspec = PartitionSpec(_axes_entry(axes), None)
     rep = PartitionSpec()
@@ -312,16 +315,13 @@ def fit(
     lets GPUs use TF32; ``bf16x3_fused`` (3-pass bf16 split as few large GEMMs, :mod:`mmfm_jax.gmm.precision`); a
     ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3``; or ``'E,M'`` / a pair for the E-step and M-step
     GEMMs separately. ``exact_top`` (default: on unless the E-step is ``highest``): recompute each row's two likely
-    winners directly, ``sum prec (x - mu)^2`` in fp32, instead of taking them from the expanded GEMM form, whose
-    rounding grows with ``prec * x^2`` (the row's argmax, and the argmax after adding a bound on that rounding,
-    which catches a collapsed component ranked too low at its own point; ``precision.refine_top``). Without it the
-    reported lower bound is off by 50-140 nats per sample with one-pass TF32 (collapsed components, variance ~
-    ``reg_covar``), by ~1 nat with ``bf16x3_fused``, by ~0.005 with fp32; with it ``bf16x3_fused`` and fp32 match a
-    float64 evaluation of the same parameters to < 1e-4, and TF32 once EM settles (README, "GMM EM").
-    ``m_step_top`` > 0: sparse M-step (:mod:`mmfm_jax.gmm.sparse`): a chunk in which every row's ``m_step_top``
-    largest responsibilities hold all but at most ``m_step_tol`` of its mass adds only those (fp32 scatter-adds);
-    other chunks use the dense GEMM. ``info['m_step_dropped']``: the largest mass any row left out; each history
-    entry has ``m_step_dense_chunks`` (of ``info['n_chunks']``). 0 (default): always dense, as sklearn.
+    winners directly, ``sum prec (x - mu)^2`` in fp32 (``precision.refine_top``); without it a low-precision E-step
+    misreports the lower bound (by 50-140 nats per sample with one-pass TF32, ~1 with ``bf16x3_fused``; README).
+    ``m_step_top`` > 0: sparse M-step (:mod:`mmfm_jax.gmm.sparse`): each row adds its ``m_step_top`` largest
+    responsibilities (fp32 scatter-adds); a row whose others exceed ``m_step_tol`` gets them too, by a small dense
+    GEMM (by the full one in a chunk with more than chunk/16 such rows). ``info['m_step_dropped']``: the largest mass
+    any row left out; history entries count ``m_step_dense_chunks`` (of ``info['n_chunks']``) and
+    ``m_step_completed_rows``. 0 (default): always dense, as sklearn.
     ``nk_eps``: sklearn's ``N_k += 10 eps``; the default is float32's eps (sklearn on float32 data, as in the
     official fit); it biases a component's variance up by about ``nk_eps / N_k * (mean - shift)^2`` (visible only
     for near-empty or collapsed components and in the k-means++ initial variances); ``10 * float64 eps`` gives
@@ -378,13 +378,13 @@ def fit(
     while not converged and it < max_iter:
         it += 1
         t1 = time.perf_counter()
-        params, lb, (dropped, n_dense) = step(data.x, params, shift, reg, nke)
+        params, lb, (dropped, counts) = step(data.x, params, shift, reg, nke)
         lb, dropped_max = float(lb), max(dropped_max, float(dropped))
         change = lb - prev
         converged = bool(abs(change) < tol)
         history.append(dict(iteration=it, lower_bound=lb, change=change, seconds=time.perf_counter() - t1,
-                            **({"m_step_dropped": float(dropped), "m_step_dense_chunks": int(n_dense)}
-                               if m_top else {})))
+                            **({"m_step_dropped": float(dropped), "m_step_dense_chunks": int(counts[0]),
+                                "m_step_completed_rows": int(counts[1])} if m_top else {})))
         if not np.isfinite(lb):
             raise FloatingPointError(f"EM iteration {it}: lower bound is {lb}")
         if on_iteration is not None:
