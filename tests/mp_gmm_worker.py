@@ -2,7 +2,8 @@
 
 Usage: ``python tests/mp_gmm_worker.py <process_id> <port> <out_dir>``. Fits the shared problem on the global
 8-device mesh twice (full numpy array on every process; process-local halves turned into a global array), saves a
-GMM and an EM state with Orbax (collectively), and process 0 writes ``out_dir/results.npz``.
+GMM and an EM state with Orbax (collectively), resumes, fits with the sparse M-step, and process 0 writes
+``out_dir/results.npz``.
 """
 
 import numpy as np
@@ -50,6 +51,10 @@ def main(argv: list[str]) -> None:
     st = io.load_em_state(os.path.join(out_dir, "em_state"), mesh=mesh)
     g3, info3 = em.fit(x, K, mesh=mesh, max_iter=MAX_ITER, chunk_size=CHUNK, state=st)
     res.update(resumed_m=g3.means, resumed_n_iter=info3["n_iter"])
+    # the sparse M-step: its per-chunk choices and collectives across processes
+    g4, info4 = em.fit(x, K, mesh=mesh, seed=SEED, max_iter=MAX_ITER, chunk_size=CHUNK, m_step_top=1)
+    res.update(sparse_m=g4.means, sparse_dropped=info4["m_step_dropped"],
+               sparse_counts=[(h["m_step_dense_chunks"], h["m_step_completed_rows"]) for h in info4["history"]])
     res = {k: np.asarray(v) for k, v in res.items()}
     if pid == 0:
         np.savez(os.path.join(out_dir, "results.npz"), **res)

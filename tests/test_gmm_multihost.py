@@ -4,6 +4,7 @@
 import jax
 import mp_gmm_worker as w
 import numpy as np
+import pytest
 from mp_launch import run_workers
 
 from mmfm_jax import parallel
@@ -35,6 +36,12 @@ def test_two_processes_equal_one_process(tmp_path):
     # resumed multi-process from a multi-process Orbax EM state == uninterrupted fit
     assert int(r["resumed_n_iter"]) == info["n_iter"]
     _close(r["resumed_m"], g.means)
+    # sparse M-step: the same per-chunk choices, left-out mass and result as one process
+    g4, info4 = em.fit(x, w.K, mesh=mesh, seed=w.SEED, max_iter=w.MAX_ITER, chunk_size=w.CHUNK, m_step_top=1)
+    counts = [(h["m_step_dense_chunks"], h["m_step_completed_rows"]) for h in info4["history"]]
+    np.testing.assert_array_equal(r["sparse_counts"], counts)
+    assert sum(c for _, c in counts) > 0 and float(r["sparse_dropped"]) == pytest.approx(info4["m_step_dropped"])
+    _close(r["sparse_m"], g4.means)
     # the 2-process Orbax save loads in one process
     g3, meta = io.load_gmm(tmp_path / "gmm", mesh=mesh)
     assert meta == {"processes": 2}
