@@ -8,6 +8,7 @@ compensation; they are ``psum``-ed over the devices and the M-step runs replicat
 fused GEMMs: ``logits = c_k - 0.5 [x^2, x] @ [prec; -2 mu prec]^T`` and ``stats = r^T @ [x^2, x]`` (8 N D K FLOP
 per iteration in all; no N x K x D intermediate). Their precision: :mod:`mmfm_jax.gmm.precision`; with a
 low-precision E-step each row's largest log-density is recomputed directly (``exact_top``, see :func:`fit`).
+``m_step_top`` replaces the second GEMM by scatter-adds of each row's largest responsibilities (:mod:`.sparse`).
 
 Numerics: before anything is accumulated, the data are shifted by a fixed per-feature reference (the float64 mean
 of up to 4096 evenly spaced rows; identical for every mesh). EM is shift-equivariant, so this changes no result
