@@ -232,14 +232,8 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             s = jnp.sum(e, axis=1)
             r = e * jnp.where(valid, 1.0 / s, 0.0)[:, None]
             lse = mx[:, 0] + jnp.log(s)
-            if m_top:
-                def dense(r_, a_):
-                    return _m_gemm(r_, a_, m_prec)
-
-                nk_c, s_c, drop, n_dense, n_fixed = sparse.chunk_stats(r, a, m_top, m_tol, dense)
-            else:
-                nk_c, s_c, drop, n_dense, n_fixed = (jnp.sum(r, 0), _m_gemm(r, a, m_prec), jnp.float32(0),
-                                                     jnp.int32(1), jnp.int32(0))
+            nk_c, s_c, drop, n_dense, n_fixed = sparse.chunk_stats(r, a, m_top, m_tol,
+                                                                  lambda r_, a_: _m_gemm(r_, a_, m_prec))
             kahan, dmax, counts = carry
             new = (nk_c, s_c, jnp.sum(jnp.where(valid, lse, 0.0)))
             return (_kahan(kahan, new), jnp.maximum(dmax, drop), counts + jnp.stack([n_dense, n_fixed])), None
@@ -349,6 +343,7 @@ def fit(
         raise ValueError(f"Expected n_samples >= n_components but got n_components = {k}, n_samples = {data.n}")
     t0 = time.perf_counter()
     init_indices = None
+    precs = step_precisions(precision)
     if state is not None:
         params, start = replicate(state.params, mesh), int(state.iteration)
         prev, converged = float(state.lower_bound), bool(state.converged)
@@ -360,7 +355,7 @@ def fit(
             _check_params(init, k, d)
             params, how = replicate(init, mesh), "given"
         elif init == "k-means++":
-            init_indices = kmeanspp.kmeans_plusplus_indices(data, k, seed=seed, precision=step_precisions(precision)[0])
+            init_indices = kmeanspp.kmeans_plusplus_indices(data, k, seed=seed, precision=precs[0])
             params = kmeanspp.params_from_indices(data, init_indices, reg_covar=reg_covar, nk_eps=nk_eps)
             how = "k-means++"
         else:
@@ -368,7 +363,6 @@ def fit(
     jax.block_until_ready(params)
     init_seconds = time.perf_counter() - t0
     chunk = max(1, min(int(chunk_size), data.local_len))
-    precs = step_precisions(precision)
     if exact_top is None:
         exact_top = precs[0] != lax.Precision.HIGHEST
     step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, precs, bool(exact_top), m_top,
@@ -379,7 +373,8 @@ def fit(
     while not converged and it < max_iter:
         it += 1
         t1 = time.perf_counter()
-        params, lb, (dropped, counts) = step(data.x, params, shift, reg, nke)
+        params, *scalars = step(data.x, params, shift, reg, nke)
+        lb, (dropped, counts) = jax.device_get(scalars)  # one transfer per iteration
         lb, dropped_max = float(lb), max(dropped_max, float(dropped))
         change = lb - prev
         converged = bool(abs(change) < tol)

@@ -40,9 +40,16 @@ def top_m_stats(r: jax.Array, a: jax.Array, m: int) -> tuple[jax.Array, jax.Arra
     return nk, s, jnp.sum(rest, axis=1), rest
 
 
+def dense_stats(r: jax.Array, a: jax.Array, dense: Dense) -> tuple[jax.Array, ...]:
+    """The dense M-step statistics in :func:`chunk_stats`' layout: ``(sum_rows r, dense(r, a), 0, 1, 0)``."""
+    return jnp.sum(r, 0), dense(r, a), jnp.zeros((), jnp.float32), jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32)
+
+
 def chunk_stats(r: jax.Array, a: jax.Array, m: int, tol: float, dense: Dense) -> tuple[jax.Array, ...]:
     """M-step statistics of one chunk: ``(N_k [K], S [K, F], largest left-out mass of a row, 1 if the chunk took the
-    full dense GEMM ``dense(r, a)`` else 0, rows completed by the small dense GEMM)``."""
+    full dense GEMM ``dense(r, a)`` else 0, rows completed by the small dense GEMM)``; ``m = 0``: always dense."""
+    if m == 0:
+        return dense_stats(r, a, dense)
     c = r.shape[0]
     nk, s, left, rest = top_m_stats(r, a, m)
     fuzzy = left > tol
@@ -60,7 +67,7 @@ def chunk_stats(r: jax.Array, a: jax.Array, m: int, tol: float, dense: Dense) ->
         return nk + jnp.sum(rest_f, 0), s + dense(rest_f, a_f), jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy
 
     def full_dense(_):
-        return jnp.sum(r, 0), dense(r, a), jnp.zeros((), jnp.float32), jnp.ones((), jnp.int32), zero_i
+        return dense_stats(r, a, dense)
 
     branch = jnp.where(n_fuzzy == 0, 0, jnp.where(n_fuzzy <= cap, 1, 2))
     return lax.switch(branch, (sparse_only, completed, full_dense), None)

@@ -54,7 +54,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check_positive(cfg, "gmm.tol", allow_zero=True)
         check_positive(cfg, "gmm.reg_covar")
         check_positive(cfg, "gmm.chunk_size")
-        check(cfg, "gmm.m_step_top", lambda v: int(v) >= 0 and int(v) == v, "must be an integer >= 0 (0: dense)")
+        check_positive(cfg, "gmm.m_step_top", allow_zero=True)
         check(cfg, "gmm.init", lambda v: v in ("k-means++", "random_from_data"), "must be 'k-means++'")
         check_positive(cfg, "data.batch_size")
         check_choice(cfg, "spatial.shift", ("none", "mean"))

@@ -156,7 +156,8 @@ class Checkpointer:
     def restore(self, target: Any, iterator: Any = None, with_config: bool = True) -> Restored | None:
         """Restore the newest usable step onto ``target``'s shardings (and ``iterator``'s position).
 
-        Returns None if there is no checkpoint. Unusable newer steps are logged, moved aside, and skipped.
+        Returns None if there is no checkpoint. Unusable newer steps are logged, moved aside, and skipped; raises if no
+        step can be restored (:class:`CheckpointMismatchError` for a state of another config).
         """
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
