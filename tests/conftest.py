@@ -17,6 +17,7 @@ flags.FLAGS.mark_as_parsed()
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+from gcs_emulator import gcs_dir, gcs_emulator  # noqa: E402,F401  (fixtures)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 REPO = pathlib.Path(__file__).parent.parent
