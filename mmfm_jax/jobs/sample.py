@@ -57,6 +57,7 @@ from mmfm_jax.jobs.sample_gm import (
     sample_grid,
     validate_for_model,
 )
+from mmfm_jax.models import encoders
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
 from mmfm_jax.train.step import mode_gaussian
 from mmfm_jax.utils import parse_compiler_options, progress
@@ -75,6 +76,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         key = "workdir" if cfg[name].kind == "train" else "path"
         check(cfg, f"{name}.{key}", lambda v: bool(v), f"required for {name}.kind={cfg[name].kind!r}")
     check_choice(cfg, "source.kind", ("gaussian", "gmm"))
+    check_choice(cfg, "encoder.name", encoders.NAMES)
     if cfg.source.kind == "gmm":
         check(cfg, "source.path", lambda v: bool(v), "required for source.kind='gmm' (a fit-gmm source folder)")
     check_positive(cfg, "num_samples")
@@ -172,8 +174,10 @@ def build_decoder(cfg: ml_collections.ConfigDict):
     from mmfm_jax.models.decoder import DecoderConfig, RAEDecoder
 
     d = cfg.decoder
-    dcfg = DecoderConfig.preset(d.preset, dtype=cfg.sampler.dtype,
-                                **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.overrides.items()})
+    spec = encoders.get(cfg.encoder.name)  # RAE de-normalises the decoder's output with the encoder's mean/std
+    kw = dict(image_mean=tuple(spec.mean), image_std=tuple(spec.std))
+    kw.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in d.overrides.items()})
+    dcfg = DecoderConfig.preset(d.preset, dtype=cfg.sampler.dtype, **kw)
     if d.random_init:
         log.warning("sample: random decoder weights (decoder.random_init=True): for tests only")
         return RAEDecoder(dcfg, rngs=nnx.Rngs(0))
