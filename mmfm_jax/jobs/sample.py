@@ -170,14 +170,22 @@ def load_model(spec: ml_collections.ConfigDict, mesh, rules: Any, dtype: str) ->
     return g, state, model.config, str(spec.path)
 
 
+def decoder_config(cfg: ml_collections.ConfigDict):
+    """``decoder.preset`` + ``decoder.overrides``; the output is de-normalised with ``encoder.name``'s mean/std
+    (as RAE does) unless the overrides set ``image_mean`` / ``image_std``."""
+    from mmfm_jax.models.decoder import DecoderConfig
+
+    spec = encoders.get(cfg.encoder.name)
+    kw = dict(image_mean=tuple(spec.mean), image_std=tuple(spec.std))
+    kw.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.decoder.overrides.items()})
+    return DecoderConfig.preset(cfg.decoder.preset, dtype=cfg.sampler.dtype, **kw)
+
+
 def build_decoder(cfg: ml_collections.ConfigDict):
-    from mmfm_jax.models.decoder import DecoderConfig, RAEDecoder
+    from mmfm_jax.models.decoder import RAEDecoder
 
     d = cfg.decoder
-    spec = encoders.get(cfg.encoder.name)  # RAE de-normalises the decoder's output with the encoder's mean/std
-    kw = dict(image_mean=tuple(spec.mean), image_std=tuple(spec.std))
-    kw.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in d.overrides.items()})
-    dcfg = DecoderConfig.preset(d.preset, dtype=cfg.sampler.dtype, **kw)
+    dcfg = decoder_config(cfg)
     if d.random_init:
         log.warning("sample: random decoder weights (decoder.random_init=True): for tests only")
         return RAEDecoder(dcfg, rngs=nnx.Rngs(0))
