@@ -26,12 +26,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            m_step_top=0))
     c.spatial = ml_collections.ConfigDict(dict(enabled=True, flip=True, compensated=True, shift="none"))
     c.import_official = ml_collections.ConfigDict(dict(cls_pkl="", spatial_pkl=""))
+    c.encoder = ml_collections.ConfigDict(dict(name=""))  # '' = any; else the latents must come from it
     variant = arg or "imagenet"
     if variant == "imagenet":
         pass
     elif variant == "official" or variant.startswith("official_"):
         name = "dinov2_b" if variant == "official" else variant[len("official_"):]
         rel = encoders.get(name, "variant").release
+        c.encoder.name = name
         c.import_official.cls_pkl = f"artifacts/gmm/{rel}/gmm_n8192_diag_k-means++.pkl"
         c.import_official.spatial_pkl = f"artifacts/gmm/{rel}/spatial_gmm_from_cls_n8192_diag_k-means++_flip.pkl"
     elif variant == "tiny":

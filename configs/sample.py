@@ -61,7 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_samples = 50_000
     c.batch_size = 256
     c.output = ml_collections.ConfigDict(dict(images_per_shard=2500, png_grid=True, merge_npz=False))
-    c.encoder = ml_collections.ConfigDict(dict(name="dinov2_b"))  # the decoder's output mean/std follow it
+    # the decoder's output mean/std follow it; '' = the training run's latents' encoder (else dinov2_b)
+    c.encoder = ml_collections.ConfigDict(dict(name=""))
     variant = arg or "imagenet_mode_ag"
     row = release_variant(variant)
     if row is not None:

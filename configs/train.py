@@ -35,8 +35,8 @@ from mmfm_jax.train.optim import epochs_to_steps
 
 STEPS_PER_EPOCH = 1251  # 1,281,167 images at global batch 1024 (reference sampler, drop_last)
 # the official DiTDH-XL_{SigLIP2-B,MAE-B}-* configs: gradient accumulation at global batch 1024
-ENCODER_VARIANTS = {"xl_mode_siglip2_b": 8, "xl_uncond_gmm_siglip2_b": 4, "xl_mode_mae_b": 16,
-                    "xl_uncond_gmm_mae_b": 4}
+ENCODER_VARIANTS = {"xl_mode_siglip2_b": ("siglip2_b", 8), "xl_uncond_gmm_siglip2_b": ("siglip2_b", 4),
+                    "xl_mode_mae_b": ("mae_b", 16), "xl_uncond_gmm_mae_b": ("mae_b", 4)}
 
 
 def _model(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                   preemption_check_every=10))
     c.debug = ml_collections.ConfigDict(dict(hang_at_step=-1, sigterm_at_step=-1))
     c.log_every = 100
+    c.encoder = ml_collections.ConfigDict(dict(name="dinov2_b"))  # the latents must come from it ('' = any)
 
     if variant == "xl_mode":
         pass
@@ -88,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if variant.startswith("xl_uncond_gmm"):
             c.model.use_y_conditioning = False
             c.source.y_from = "none"
-        c.train.grad_accum_steps = ENCODER_VARIANTS[variant]
+        c.encoder.name, c.train.grad_accum_steps = ENCODER_VARIANTS[variant]
         c.train.num_steps = 25_000
     elif variant == "xl_gaussian":
         c.model = _model("XL", num_modes=1000, use_y_conditioning=False)
@@ -109,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.every_steps = 12_500
     elif variant in ("tiny", "tiny_gm"):
         gm = dict(head="gm", gm_components=4, gm_logstd_inner=32) if variant == "tiny_gm" else {}
+        c.encoder.name = ""
         c.model = _model("tiny", in_channels=4, input_size=4, hidden_size=(32, 48), depth=(1, 1), num_heads=(2, 2),
                          num_modes=8, use_y_conditioning=False, **gm)
         c.data.kind = "synthetic"

@@ -7,7 +7,7 @@ import pytest
 from test_encode_job import make_folder
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_utils import ConfigError, load_config
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.gmm.source import load_source
 
@@ -41,14 +41,20 @@ def test_encode_fit_gmm_train_chain(tmp_path, repo_dir, encoder):
     assert np.isfinite(s_tr["loss"])
     if encoder == "dinov2_b":
         return
-    sm = load_config(f"{repo_dir}/configs/sample.py:tiny", {
-        "encoder.name": encoder, "model.workdir": str(tmp_path / "train"), "source.kind": "gmm",
-        "source.path": str(tmp_path / "gmm" / "source"), "decoder.stats": str(lat_dir / "stats.npz"),
-        "decoder.overrides": {"latent_dim": 48, "hidden": 16, "layers": 1, "heads": 2, "mlp": 32, "patch": 4,
-                              "image_size": 8},
-        "num_samples": 8, "batch_size": 8, "output.images_per_shard": 8})
-    s_sm = run_job("sample", sm, tmp_path / "sample")
-    assert s_sm["shards"] == 1
+    other = "mae_b" if encoder == "siglip2_b" else "siglip2_b"
+    with pytest.raises(ConfigError, match=f"config.encoder.name = '{other}'.*encoded with '{encoder}'"):
+        run_job("train", load_config(f"{repo_dir}/configs/train.py:tiny", {
+            "data.kind": "latents", "data.path": str(lat_dir), "encoder.name": other}), tmp_path / "bad")
+    overrides = {"model.workdir": str(tmp_path / "train"), "source.kind": "gmm",
+                 "source.path": str(tmp_path / "gmm" / "source"), "decoder.stats": str(lat_dir / "stats.npz"),
+                 "decoder.overrides": {"latent_dim": 48, "hidden": 16, "layers": 1, "heads": 2, "mlp": 32,
+                                       "patch": 4, "image_size": 8},
+                 "num_samples": 8, "batch_size": 8, "output.images_per_shard": 8}
+    with pytest.raises(ConfigError, match=f"config.encoder.name = '{other}'.*trained on '{encoder}' latents"):
+        run_job("sample", load_config(f"{repo_dir}/configs/sample.py:tiny", dict(overrides, **{
+            "encoder.name": other})), tmp_path / "bad")
+    s_sm = run_job("sample", load_config(f"{repo_dir}/configs/sample.py:tiny", overrides), tmp_path / "sample")
+    assert s_sm["shards"] == 1 and s_sm["encoder"] == encoder  # found from the latents: the decoder's mean/std
     with np.load(tmp_path / "sample" / "samples" / "images-00000.npz") as z:
         assert z["arr_0"].shape == (8, 8, 8, 3) and z["arr_0"].dtype == np.uint8
     ev = load_config(f"{repo_dir}/configs/evaluate.py:tiny", {"input.path": str(tmp_path / "sample" / "samples"),

@@ -78,3 +78,32 @@ def geometry(model: Any, image_size: int) -> tuple[int, int]:
     """(grid side, hidden size) of ``model`` fed ``image_size`` px."""
     cfg = model.config
     return int(image_size) // cfg.patch_size, cfg.hidden_size
+
+
+def recorded_encoder(latents_dir: str | None) -> str | None:
+    """The ``encoder.name`` a latent dataset was encoded with (its manifest's ``extra.encoder_name``); None when the
+    folder has no manifest yet or predates the field."""
+    import json
+
+    from etils import epath
+
+    if not latents_dir:
+        return None
+    path = epath.Path(latents_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text()).get("extra", {}).get("encoder_name") or None
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+
+
+def check_encoder(name: str, latents_dir: str | None, key: str = "encoder.name",
+                  data_key: str = "data.path") -> str | None:
+    """``name`` (``''``: any) against the latents' recorded encoder: a mismatch raises ``ValueError`` naming both
+    config keys. Returns the encoder in use (``name`` or the recorded one; None if neither is known)."""
+    found = recorded_encoder(latents_dir)
+    if name:
+        get(name, key)
+        if found and found != name:
+            raise ValueError(f"config.{key} = {name!r}, but the latents in config.{data_key} ({latents_dir}) were "
+                             f"encoded with {found!r}")
+    return name or found
