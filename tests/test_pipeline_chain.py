@@ -22,6 +22,7 @@ def test_encode_fit_gmm_train_chain(tmp_path, repo_dir, encoder):
     lat_dir = tmp_path / "enc" / "latents"
     manifest = latents_lib.LatentShards(lat_dir).manifest
     assert s_enc["bad_images"] == 0 and manifest["num_examples"] == 48 and s_enc["grid"] == [2, 2]
+    assert s_enc["encoder"] == manifest["extra"]["encoder_name"] == encoder
     with np.load(lat_dir / "stats.npz") as z:
         assert ("mean" in z.files) == (encoder != "siglip2_b")  # MAE's statistics carry a mean, SigLIP2's do not
     gmm = load_config(f"{repo_dir}/configs/fit_gmm.py:tiny", {"data.latents_dir": str(lat_dir),

@@ -227,7 +227,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     bar.close()
     parallel.sync("encode_shards")
     summary = dict(images=n_total, shards=n_shards, shards_written_now=len(todo), output=str(out),
-                   grid=[grid, grid], dim=dim)
+                   grid=[grid, grid], dim=dim, encoder=spec.name)
     summary.update(_gather_counts(bad, written))
     if jax.process_index() == 0:
         count, mean, m2 = _merge_stats([_shard_stats_path(out, s) for s in range(n_shards)])
