@@ -2,9 +2,12 @@
 decoder.
 
 Variants:
-- ``imagenet_mode_ag`` (the paper's best: mode-conditional XL + DiT-S guide at 1.5, GMM source, bf16, 50k samples)
-  from converted official artifacts (``artifacts/`` as downloaded from the release), and
-  ``imagenet_mode`` without guidance;
+- one per release-card row, from the official artifacts (``artifacts/`` as downloaded from the release, layout
+  ``checkpoints/<encoder>/``, ``decoders/<encoder>/ViTXL_n08/model.pt``, ``normalization_stats/<encoder>/stat.pt``;
+  the GMM source from ``fit-gmm`` with ``fit_gmm.py:official[_<encoder>]`` in ``runs/fit_gmm_official[_<encoder>]``):
+  ``<encoder>_<uncond|mode>_<25k|100k>[_ag]``, e.g. ``dinov2_b_mode_100k_ag`` (the paper's best: mode-conditional
+  XL + DiT-S guide at 1.5), ``siglip2_b_mode_25k``, ``mae_b_uncond_25k`` (``RELEASE_CARD`` lists them with their
+  FIDs); ``imagenet_mode_ag`` / ``imagenet_mode`` are ``dinov2_b_mode_100k_ag`` / ``dinov2_b_mode_100k``;
 - ``tiny`` (tests): a training workdir's tiny model, a tiny random decoder.
 
 GMFlow (a model trained with ``model.head='gm'``): ``sampler.solver`` 'gm_ode' | 'gm_sde' ('euler' uses the GM's
@@ -16,6 +19,28 @@ mean velocity), ``sampler.gm_substeps`` (GM-ODE substeps per evaluation; 0 = max
 import ml_collections
 
 from mmfm_jax.config_utils import base_config
+from mmfm_jax.models import encoders
+
+# (encoder, setting, checkpoint steps, autoguidance) -> the release card's FID-50K (50-step Euler, bf16)
+RELEASE_CARD: dict[tuple[str, str, str, bool], float] = {
+    ("dinov2_b", "uncond", "25k", False): 4.84, ("dinov2_b", "uncond", "25k", True): 4.03,
+    ("dinov2_b", "uncond", "100k", False): 3.84, ("dinov2_b", "uncond", "100k", True): 3.17,
+    ("dinov2_b", "mode", "25k", False): 4.77, ("dinov2_b", "mode", "25k", True): 4.07,
+    ("dinov2_b", "mode", "100k", False): 3.20, ("dinov2_b", "mode", "100k", True): 2.78,
+    ("siglip2_b", "uncond", "25k", False): 8.23, ("siglip2_b", "mode", "25k", False): 7.25,
+    ("mae_b", "uncond", "25k", False): 17.03, ("mae_b", "mode", "25k", False): 16.24,
+}
+ALIASES = {"imagenet_mode_ag": "dinov2_b_mode_100k_ag", "imagenet_mode": "dinov2_b_mode_100k"}
+
+
+def release_variant(name: str) -> tuple[str, str, str, bool] | None:
+    """``'siglip2_b_mode_25k'`` -> ``('siglip2_b', 'mode', '25k', False)`` if it is a release-card row."""
+    name = ALIASES.get(name, name)
+    for row in RELEASE_CARD:
+        enc, setting, steps, ag = row
+        if name == f"{enc}_{setting}_{steps}" + ("_ag" if ag else ""):
+            return row
+    return None
 
 
 def _model(kind: str = "train") -> ml_collections.ConfigDict:
@@ -36,18 +61,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_samples = 50_000
     c.batch_size = 256
     c.output = ml_collections.ConfigDict(dict(images_per_shard=2500, png_grid=True, merge_npz=False))
+    # the decoder's output mean/std follow it; '' = the training run's latents' encoder (else dinov2_b)
+    c.encoder = ml_collections.ConfigDict(dict(name=""))
     variant = arg or "imagenet_mode_ag"
-    if variant in ("imagenet_mode_ag", "imagenet_mode"):
+    row = release_variant(variant)
+    if row is not None:
+        name, setting, steps, ag = row
+        rel = encoders.get(name).release
+        c.encoder.name = name
         c.model.kind = "official"
-        c.model.path = "artifacts/checkpoints/dinov2-b/mode-gmm-100k.pt"
-        c.source.path = "runs/fit_gmm_official/source"
-        c.decoder.weights = "artifacts/decoders/dinov2-b/ViTXL_n08/model.pt"
-        c.decoder.stats = "artifacts/normalization_stats/dinov2-b/stat.pt"
+        c.model.path = f"artifacts/checkpoints/{rel}/{setting}-gmm-{steps}.pt"
+        c.source.path = "runs/fit_gmm_official/source" if name == "dinov2_b" else f"runs/fit_gmm_official_{name}/source"
+        c.decoder.weights = f"artifacts/decoders/{rel}/ViTXL_n08/model.pt"
+        c.decoder.stats = f"artifacts/normalization_stats/{rel}/stat.pt"
         c.output.merge_npz = True
-        if variant == "imagenet_mode_ag":
+        if ag:
             c.guide.enabled = True
             c.guide.kind = "official"
-            c.guide.path = "artifacts/checkpoints/autoguidance/dit-s-mode-gmm-25k.pt"
+            c.guide.path = f"artifacts/checkpoints/autoguidance/dit-s-{setting}-gmm-25k.pt"
     elif variant == "tiny":
         c.source.kind = "gaussian"
         c.sampler.num_points = 5
@@ -59,5 +90,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.batch_size = 8
         c.output.images_per_shard = 12
     else:
-        raise ValueError(f"configs/sample.py: unknown variant {variant!r} (imagenet_mode_ag, imagenet_mode, tiny)")
+        rows = ", ".join(f"{e}_{s}_{k}" + ("_ag" if a else "") for e, s, k, a in RELEASE_CARD)
+        raise ValueError(f"configs/sample.py: unknown variant {variant!r} (tiny, {', '.join(ALIASES)}, {rows})")
     return c

@@ -6,6 +6,9 @@ Variants (official numbers from the MM-FM configs, spec 2d/2h; global batch 1024
   lr 4e-4 for 20 epochs then 2e-4, linear decay to 2e-5 at epoch 800 from epoch 40, EMA 0.999 then 0.9995,
   focal weighting, 100k steps (80 epochs).
 - ``xl_uncond_gmm``: the same, model unconditional (8192-row table kept, unused), accumulation 8.
+- ``xl_mode_siglip2_b`` / ``xl_uncond_gmm_siglip2_b`` / ``xl_mode_mae_b`` / ``xl_uncond_gmm_mae_b``: the same on
+  SigLIP2-B / MAE-B latents (also 768 x 16 x 16) with the official accumulation: SigLIP2 mode 8, MAE mode 16, both
+  unconditional-GMM 4; 25k steps (20 epochs, the released ``checkpoints/<encoder>/*-gmm-25k.pt``).
 - ``xl_gaussian``: Gaussian source + independent coupling (the baseline): accumulation 8, lr 2e-4 throughout the
   initial phase, EMA 0.995 then 0.9995, no weighting.
 - ``s_guide_mode`` / ``s_guide_uncond``: the DiT-S AutoGuidance guides: 20 epochs (25k steps), accumulation 2,
@@ -31,6 +34,9 @@ from mmfm_jax.models.ditdh import ditdh_config
 from mmfm_jax.train.optim import epochs_to_steps
 
 STEPS_PER_EPOCH = 1251  # 1,281,167 images at global batch 1024 (reference sampler, drop_last)
+# the official DiTDH-XL_{SigLIP2-B,MAE-B}-* configs: gradient accumulation at global batch 1024
+ENCODER_VARIANTS = {"xl_mode_siglip2_b": ("siglip2_b", 8), "xl_uncond_gmm_siglip2_b": ("siglip2_b", 4),
+                    "xl_mode_mae_b": ("mae_b", 16), "xl_uncond_gmm_mae_b": ("mae_b", 4)}
 
 
 def _model(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -71,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                   preemption_check_every=10))
     c.debug = ml_collections.ConfigDict(dict(hang_at_step=-1, sigterm_at_step=-1))
     c.log_every = 100
+    c.encoder = ml_collections.ConfigDict(dict(name="dinov2_b"))  # the latents must come from it ('' = any)
 
     if variant == "xl_mode":
         pass
@@ -78,6 +85,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.use_y_conditioning = False
         c.source.y_from = "none"
         c.train.grad_accum_steps = 8
+    elif variant in ENCODER_VARIANTS:
+        if variant.startswith("xl_uncond_gmm"):
+            c.model.use_y_conditioning = False
+            c.source.y_from = "none"
+        c.encoder.name, c.train.grad_accum_steps = ENCODER_VARIANTS[variant]
+        c.train.num_steps = 25_000
     elif variant == "xl_gaussian":
         c.model = _model("XL", num_modes=1000, use_y_conditioning=False)
         c.source.kind = "gaussian"
@@ -97,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.every_steps = 12_500
     elif variant in ("tiny", "tiny_gm"):
         gm = dict(head="gm", gm_components=4, gm_logstd_inner=32) if variant == "tiny_gm" else {}
+        c.encoder.name = ""
         c.model = _model("tiny", in_channels=4, input_size=4, hidden_size=(32, 48), depth=(1, 1), num_heads=(2, 2),
                          num_modes=8, use_y_conditioning=False, **gm)
         c.data.kind = "synthetic"
@@ -121,5 +135,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every = 2
     else:
         raise ValueError(f"configs/train.py: unknown variant {variant!r} "
-                         "(tiny, tiny_gm, xl_mode, xl_uncond_gmm, xl_gaussian, s_guide_mode, s_guide_uncond)")
+                         "(tiny, tiny_gm, xl_mode, xl_uncond_gmm, xl_gaussian, s_guide_mode, s_guide_uncond, "
+                         f"{', '.join(ENCODER_VARIANTS)})")
     return c

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax.convert.common import CheckpointError, KeyTracker
+from mmfm_jax.convert.hf_vit import build_module, read_safetensors_dir, resolve_hf_dir
 from mmfm_jax.models.dinov2 import Dinov2, Dinov2Config
 from mmfm_jax.utils import dtype_from_name
 
@@ -109,65 +109,10 @@ def jax_tree_contiguous(tree: Any) -> Any:
 def build_dinov2(params: dict[str, Any], cfg: Dinov2Config, image_sizes: tuple[int, ...] = (224,)) -> Dinov2:
     """A ``Dinov2`` holding ``params`` (nested numpy, as ``params_from_state_dict``), with the position table
     precomputed for ``image_sizes``. The tree must match the module's exactly (checked, naming the path)."""
-    abstract = nnx.eval_shape(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)))
-    graphdef, pstate, rest = nnx.split(abstract, nnx.Param, ...)
-    want = nnx.to_pure_dict(pstate)
-
-    def fill(w: Any, h: Any, path: str) -> Any:
-        if isinstance(w, dict):
-            if not isinstance(h, dict) or set(map(str, w)) != set(map(str, h)):
-                got = sorted(map(str, h)) if isinstance(h, dict) else type(h).__name__
-                raise CheckpointError(f"params at {path or '/'}: expected keys {sorted(map(str, w))}, got {got}")
-            hk = {str(k): v for k, v in h.items()}
-            return {k: fill(v, hk[str(k)], f"{path}/{k}") for k, v in w.items()}
-        if tuple(w.shape) != tuple(np.shape(h)):
-            raise CheckpointError(f"params at {path}: shape {np.shape(h)}, expected {tuple(w.shape)}")
-        return jnp.asarray(h, jnp.float32)
-
-    nnx.replace_by_pure_dict(pstate, fill(want, params, ""))
-    model = nnx.merge(graphdef, pstate, rest)
+    model = build_module(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)), params)
     if image_sizes:
         model.precompute_pos_embed(*image_sizes)
     return model
-
-
-def _resolve_dir(path_or_repo_id: str | os.PathLike, local_files_only: bool) -> Path:
-    p = Path(path_or_repo_id).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists() or str(path_or_repo_id).startswith((".", "/", "~")) or str(path_or_repo_id).count("/") != 1:
-        raise CheckpointError(f"load_dinov2: {path_or_repo_id!r} is neither a local directory nor a hub repo id "
-                              "('owner/name')")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path_or_repo_id), local_files_only=local_files_only,
-                                      allow_patterns=["config.json", "model.safetensors",
-                                                      "model.safetensors.index.json", "model-*.safetensors"]))
-    except Exception as e:  # noqa: BLE001  (offline / not cached / no access: say what to do)
-        hint = " (not in the local HF cache; pass local_files_only=False to download)" if local_files_only else ""
-        raise CheckpointError(f"load_dinov2: could not get {path_or_repo_id!r} from the hub{hint}: "
-                              f"{type(e).__name__}: {e}") from e
-
-
-def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
-    """``model.safetensors`` (or the shards listed in ``model.safetensors.index.json``) -> ``{key: ndarray}``."""
-    from safetensors.numpy import load_file
-
-    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
-    try:
-        if single.exists():
-            return dict(load_file(str(single)))
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd: dict[str, np.ndarray] = {}
-            for f in files:
-                sd.update(load_file(str(d / f)))
-            return sd
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"could not read safetensors in {d}: {type(e).__name__}: {e}") from e
-    raise CheckpointError(f"{d}: no model.safetensors (or model.safetensors.index.json); torch .bin files are not "
-                          "supported here (convert them with safetensors first)")
 
 
 def load_dinov2(path_or_repo_id: str | os.PathLike, config: Dinov2Config | None = None,
@@ -180,7 +125,7 @@ def load_dinov2(path_or_repo_id: str | os.PathLike, config: Dinov2Config | None 
     ``local_files_only=False``). ``config``: overrides ``config.json`` (shapes are still checked key by key).
     ``dtype``: compute dtype (``'bfloat16'``...). The position table is precomputed for ``image_sizes``.
     """
-    d = _resolve_dir(path_or_repo_id, local_files_only)
+    d = resolve_hf_dir(path_or_repo_id, local_files_only)
     if config is None:
         cfg_path = d / "config.json"
         if not cfg_path.exists():

@@ -1,4 +1,7 @@
-"""``python -m mmfm_jax encode``: images -> DINOv2 -> sharded latent dataset (+ [CLS], normalisation statistics).
+"""``python -m mmfm_jax encode``: images -> encoder -> sharded latent dataset (+ global descriptor, statistics).
+
+``encoder.name``: ``dinov2_b`` | ``siglip2_b`` | ``mae_b`` (``models.encoders``: input size, mean/std, which token
+is the global descriptor). The global descriptor is stored where the [CLS] is (``cls``; the GMM's input).
 
 Shard ``s`` holds the examples with global index ``[s * S, (s + 1) * S)`` (S = ``output.examples_per_shard``).
 Processes take the unfinished shards round-robin and step in lockstep; every step encodes one global batch over
@@ -12,8 +15,9 @@ both sidecars and the data file are complete and fsynced: ``LatentShardWriter``)
 half shard in the manifest. At start, process 0 removes a killed run's temp files and decides which shards are
 left; the list is broadcast, so every process takes the same round-robin.
 
-Pixel paths (spec 2a/2c): ``data.path = 'train'`` (ADM crop 256 -> torch bicubic 224) or ``'cls'`` (ADM crop 224
-directly, the official GMM-fit path). ``output.flip_views`` also encodes each image's horizontal flip (flip=1).
+Pixel paths (spec 2a/2c): ``data.path = 'train'`` (ADM crop 256 -> torch bicubic to ``data.image_size``: 224 for
+DINOv2, none for SigLIP2 / MAE, fed at 256) or ``'cls'`` (ADM crop to ``data.image_size`` directly, the official
+GMM-fit path). ``output.flip_views`` also encodes each image's horizontal flip (flip=1).
 Bad images are skipped and counted in the summary.
 """
 
@@ -35,7 +39,7 @@ from mmfm_jax.data import images as images_lib
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.data import stats as stats_lib
 from mmfm_jax.data.preprocess import mmfm_pixels
-from mmfm_jax.models.dinov2 import Dinov2, Dinov2Config, encode_mmfm
+from mmfm_jax.models import encoders
 from mmfm_jax.utils import progress, save_npz_atomic
 
 DEFAULT_CONFIG = "encode.py:tiny"
@@ -51,9 +55,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check_positive(cfg, "data.batch_size")
     check_positive(cfg, "output.examples_per_shard")
     check_choice(cfg, "output.latent_dtype", ("bfloat16", "float32"))
+    check_choice(cfg, "encoder.name", encoders.NAMES)
     check_choice(cfg, "encoder.dtype", ("float32", "bfloat16"))
     check(cfg, "encoder.weights", lambda v: bool(v) or cfg.encoder.random_init, "required (a local HF directory or a "
-          "hub id such as facebook/dinov2-with-registers-base); random_init=True is for tests only")
+          f"hub id such as {encoders.get(cfg.encoder.name).hub_id}); random_init=True is for tests only")
+    check_positive(cfg, "data.image_size")
     check_positive(cfg, "data.limit", allow_zero=True)
 
 
@@ -63,31 +69,31 @@ def build_source(cfg: ml_collections.ConfigDict):
     return images_lib.TfdsSource(cfg.data.tfds_name, split=cfg.data.split, data_dir=cfg.data.tfds_dir or None)
 
 
-def build_encoder(cfg: ml_collections.ConfigDict) -> Dinov2:
-    from flax import nnx
-
+def build_encoder(cfg: ml_collections.ConfigDict):
+    """The ``encoder.name`` model: hub weights (``encoder.weights``), or random weights of ``encoder.preset``."""
+    spec = encoders.get(cfg.encoder.name)
     if cfg.encoder.random_init:
         log.warning("encode: random encoder weights (encoder.random_init=True): for tests only")
-        model = Dinov2(Dinov2Config.preset(cfg.encoder.preset, dtype=cfg.encoder.dtype), rngs=nnx.Rngs(0))
-        model.precompute_pos_embed(int(cfg.data.image_size))
-        return model
-    from mmfm_jax.convert.dinov2 import load_dinov2
+        return spec.random(cfg.encoder.preset, cfg.encoder.dtype, int(cfg.data.image_size))
+    from mmfm_jax.convert.encoders import load_encoder
 
-    return load_dinov2(cfg.encoder.weights, dtype=cfg.encoder.dtype, local_files_only=cfg.encoder.local_files_only,
-                       image_sizes=(int(cfg.data.image_size),))
+    return load_encoder(spec.name, cfg.encoder.weights, dtype=cfg.encoder.dtype,
+                        local_files_only=cfg.encoder.local_files_only, image_size=int(cfg.data.image_size))
 
 
-def make_encode_step(model: Dinov2, mesh, image_size: int):
-    """jit over the mesh: uint8 crops [B, S, S, 3] + flip [B] -> (raw latent [B, L, D], cls [B, D]) batch-sharded."""
+def make_encode_step(model, mesh, image_size: int, name: str = "dinov2_b"):
+    """jit over the mesh: uint8 crops [B, S, S, 3] + flip [B] -> (raw latent [B, L, D], global descriptor [B, D])
+    batch-sharded, with the ``name`` encoder's pixel mean/std and outputs."""
     from flax import nnx
 
+    spec = encoders.get(name)
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, parallel.replicated(mesh))
     out_sh = (parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 2))
 
     def step(state, images, flip):
         m = nnx.merge(graphdef, state)
-        return encode_mmfm(m, mmfm_pixels(images, image_size, flip))
+        return spec.encode(m, mmfm_pixels(images, image_size, flip, spec.mean, spec.std))
 
     step_sh = jax.jit(step, out_shardings=out_sh)
     return lambda images, flip: step_sh(state, images, flip)
@@ -141,13 +147,17 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     per_shard = int(cfg.output.examples_per_shard)
     n_shards = math.ceil(n_total / per_shard)
     out = Path(cfg.output.dir) if cfg.output.dir else ctx.path("latents")
+    spec = encoders.get(cfg.encoder.name)
     model = build_encoder(cfg)
     image_size = int(cfg.data.image_size)
-    grid = image_size // model.config.patch_size
-    tokens, dim = grid * grid, model.config.hidden_size
+    if image_size != spec.image_size and not cfg.encoder.random_init:
+        log.warning("encode: %s is fed %d px here; MM-FM feeds it %d px", spec.name, image_size, spec.image_size)
+    grid, dim = encoders.geometry(model, image_size)
+    tokens = grid * grid
     writer = latents_lib.LatentShardWriter(out, (tokens, dim), cfg.output.latent_dtype, cls_dim=dim,
                                            grid=(grid, grid), normalized=False, num_shards=n_shards,
                                            extra=dict(encoder=cfg.encoder.weights or f"random:{cfg.encoder.preset}",
+                                                      encoder_name=spec.name,
                                                       path=cfg.data.path, flip_views=bool(cfg.output.flip_views),
                                                       source=cfg.data.source),
                                            update_manifest=jax.process_index() == 0)
@@ -160,7 +170,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
              per_shard, n_shards - len(todo), grid, grid, dim)
     crop = int(cfg.data.crop_size) if cfg.data.path == "train" else image_size
     loader = images_lib.LoadExample(source, crop)
-    step = make_encode_step(model, mesh, image_size)
+    step = make_encode_step(model, mesh, image_size, spec.name)
     n_proc, pid = jax.process_count(), jax.process_index()
     gb = int(cfg.data.batch_size)
     mult = parallel.batch_size_multiple(mesh)
@@ -217,7 +227,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     bar.close()
     parallel.sync("encode_shards")
     summary = dict(images=n_total, shards=n_shards, shards_written_now=len(todo), output=str(out),
-                   grid=[grid, grid], dim=dim)
+                   grid=[grid, grid], dim=dim, encoder=spec.name)
     summary.update(_gather_counts(bad, written))
     if jax.process_index() == 0:
         count, mean, m2 = _merge_stats([_shard_stats_path(out, s) for s in range(n_shards)])
@@ -228,7 +238,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         else:
             stats = {"var": (m2 / max(count, 1.0)).astype(np.float32), "mean": mean.astype(np.float32)}
             if not cfg.stats.keep_mean:
-                stats.pop("mean")  # as the official DINOv2-B statistics: variance only
+                stats.pop("mean")  # as the official DINOv2-B / SigLIP2-B statistics: variance only
             summary["stats"] = dict(count=count, var_mean=float(stats["var"].mean()))
         stats["eps"] = np.float32(1e-5)
         manifest = writer.finalize(stats)

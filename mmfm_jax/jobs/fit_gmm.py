@@ -28,6 +28,7 @@ from mmfm_jax.gmm import diag, em, spatial
 from mmfm_jax.gmm import io as gmm_io
 from mmfm_jax.gmm.precision import FUSED_BF16X3, step_precisions
 from mmfm_jax.gmm.source import ModeSource, save_source
+from mmfm_jax.models import encoders
 
 DEFAULT_CONFIG = "fit_gmm.py:tiny"
 log = logging.getLogger("mmfm_jax")
@@ -46,6 +47,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     official = bool(cfg.import_official.cls_pkl)
     if not official and not cfg.data.latents_dir:
         raise ConfigError("config.data.latents_dir: required (or set config.import_official.cls_pkl)")
+    try:  # '' = any; else the latents must come from that encoder
+        encoders.check_encoder(cfg.encoder.name, None if official else cfg.data.latents_dir,
+                               data_key="data.latents_dir")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.import_official.spatial_pkl and not official:
         raise ConfigError("config.import_official.spatial_pkl: needs config.import_official.cls_pkl too")
     if not official:
@@ -209,6 +215,6 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         means, var, sinfo = spatial_pass(cfg, ctx, gmm)
         src = ModeSource(gmm=gmm, means=means, variances=var)
         save_source(ctx.path("source"), src, {"latents_dir": cfg.data.latents_dir, "flip": bool(cfg.spatial.flip),
-                                              "em": info})
+                                              "em": info, "encoder": encoders.recorded_encoder(cfg.data.latents_dir)})
         summary.update(spatial=sinfo, spatial_seconds=round(time.time() - t1, 2), source=str(ctx.path("source")))
     return summary

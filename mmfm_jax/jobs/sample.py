@@ -57,6 +57,7 @@ from mmfm_jax.jobs.sample_gm import (
     sample_grid,
     validate_for_model,
 )
+from mmfm_jax.models import encoders
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
 from mmfm_jax.train.step import mode_gaussian
 from mmfm_jax.utils import parse_compiler_options, progress
@@ -75,6 +76,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         key = "workdir" if cfg[name].kind == "train" else "path"
         check(cfg, f"{name}.{key}", lambda v: bool(v), f"required for {name}.kind={cfg[name].kind!r}")
     check_choice(cfg, "source.kind", ("gaussian", "gmm"))
+    check_choice(cfg, "encoder.name", ("",) + encoders.NAMES)
+    resolve_encoder(cfg)
     if cfg.source.kind == "gmm":
         check(cfg, "source.path", lambda v: bool(v), "required for source.kind='gmm' (a fit-gmm source folder)")
     check_positive(cfg, "num_samples")
@@ -168,12 +171,38 @@ def load_model(spec: ml_collections.ConfigDict, mesh, rules: Any, dtype: str) ->
     return g, state, model.config, str(spec.path)
 
 
-def build_decoder(cfg: ml_collections.ConfigDict):
-    from mmfm_jax.models.decoder import DecoderConfig, RAEDecoder
+def resolve_encoder(cfg: ml_collections.ConfigDict) -> str:
+    """``encoder.name``, or (``''``) the encoder of a training run's latents (``model.kind='train'``: the latents'
+    manifest, else the run's ``encoder.name``), else ``dinov2_b``. A mismatch is a ``ConfigError``."""
+    found = None
+    if cfg.model.kind == "train" and cfg.model.workdir and (Path(cfg.model.workdir) / "config.json").exists():
+        tc = json.loads((Path(cfg.model.workdir) / "config.json").read_text())
+        data = tc.get("data") or {}
+        found = encoders.recorded_encoder(data.get("path")) if data.get("kind") == "latents" else None
+        found = found or (tc.get("encoder") or {}).get("name") or None
+    name = cfg.encoder.name
+    if name and found and name != found:
+        raise ConfigError(f"config.encoder.name = {name!r}, but the model in config.model.workdir "
+                          f"({cfg.model.workdir}) was trained on {found!r} latents")
+    return name or found or "dinov2_b"
+
+
+def decoder_config(cfg: ml_collections.ConfigDict, encoder: str | None = None):
+    """``decoder.preset`` + ``decoder.overrides``; the output is de-normalised with the encoder's mean/std
+    (``encoder`` or :func:`resolve_encoder`; as RAE does) unless the overrides set ``image_mean`` / ``image_std``."""
+    from mmfm_jax.models.decoder import DecoderConfig
+
+    spec = encoders.get(encoder or resolve_encoder(cfg))
+    kw = dict(image_mean=tuple(spec.mean), image_std=tuple(spec.std))
+    kw.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.decoder.overrides.items()})
+    return DecoderConfig.preset(cfg.decoder.preset, dtype=cfg.sampler.dtype, **kw)
+
+
+def build_decoder(cfg: ml_collections.ConfigDict, encoder: str | None = None):
+    from mmfm_jax.models.decoder import RAEDecoder
 
     d = cfg.decoder
-    dcfg = DecoderConfig.preset(d.preset, dtype=cfg.sampler.dtype,
-                                **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.overrides.items()})
+    dcfg = decoder_config(cfg, encoder)
     if d.random_init:
         log.warning("sample: random decoder weights (decoder.random_init=True): for tests only")
         return RAEDecoder(dcfg, rngs=nnx.Rngs(0))
@@ -271,6 +300,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     main = load_model(cfg.model, mesh, rules, cfg.sampler.dtype)
     guide = load_model(cfg.guide, mesh, rules, cfg.sampler.dtype) if cfg.guide.enabled else None
     mcfg = main[2]
+    encoder = resolve_encoder(cfg)
     validate_for_model(cfg, mcfg)
     if guide is not None and mcfg.head == "velocity" and guide[2].head == "gm":
         raise ConfigError("config.guide: a GM guide model needs a GM main model (or use a velocity guide)")
@@ -291,7 +321,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     if cfg.decoder.enabled:
         from mmfm_jax.data.stats import load_stats
 
-        decoder = build_decoder(cfg)
+        decoder = build_decoder(cfg, encoder)
         dc = decoder.config
         if (dc.num_patches, dc.latent_dim) != event_shape:
             raise ConfigError(f"config.decoder: decodes {dc.num_patches} tokens x {dc.latent_dim}, the model makes "
@@ -352,7 +382,8 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                    nfe_per_model=nfe, solver=cfg.sampler.solver, model_head=mcfg.head, model=main[3],
                    guide=guide[3] if guide else None, guide_scale=scales[0] if guide and not sweep else None,
                    guide_scales=list(scales) if sweep else None, source=cfg.source.kind, dtype=cfg.sampler.dtype,
-                   output=str(out), outputs=[str(o) for o in outs] if sweep else None, decoded=decoder is not None)
+                   output=str(out), outputs=[str(o) for o in outs] if sweep else None, decoded=decoder is not None,
+                   encoder=encoder)
     if cfg.sampler.solver != "euler":
         summary.update(gm_substeps=gm_substeps(cfg), gm_order=int(cfg.sampler.gm_order))
     if cfg.output.merge_npz and ctx.is_main and decoder is not None:

@@ -28,6 +28,7 @@ from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.flow.gmflow import validate_gm_source
 from mmfm_jax.flow.time import TIME_KINDS, resolution_shift
 from mmfm_jax.gmm.source import ModeSource, cast_table, load_source, shard_source
+from mmfm_jax.models import encoders
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
 from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
@@ -65,6 +66,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check_choice(cfg, "data.kind", ("latents", "synthetic"))
     if cfg.data.kind == "latents":
         check(cfg, "data.path", lambda v: bool(v), "must name a latent dataset folder (from the encode job)")
+        if "encoder" in cfg:  # '' = any; else the latents must come from that encoder
+            try:
+                encoders.check_encoder(cfg.encoder.name, cfg.data.path)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     check_choice(cfg, "source.kind", ("gaussian", "gmm_indep", "gmm_mode"))
     check_choice(cfg, "source.assignment", ("soft", "hard"))
     check_choice(cfg, "source.y_from", ("none", "mode", "label"))

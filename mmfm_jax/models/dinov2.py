@@ -4,7 +4,7 @@ Input: ImageNet-normalised pixels ``[B, H, W, 3]`` (NHWC float). Output: ``last_
 ordered ``[CLS, R registers, L patch tokens (row-major grid)]``, after the final LayerNorm (with or without its
 affine). Position embeddings: the pretrained ``G x G`` grid (37 x 37 at ``image_size`` 518) is resized to the input
 grid exactly as transformers does: torch bicubic **with** antialias for the register models, **without** for plain
-``Dinov2Model`` (fp32), as a pair of matmuls with fixed weights (``data.preprocess.bicubic_weights``). The resized
+``Dinov2Model`` (fp32), as a pair of matmuls with fixed weights (``ops.resize.resize_token_grid``). The resized
 table is precomputed per input resolution (``precompute_pos_embed``; ``load_dinov2`` does it for 224) and cached on
 the module; other resolutions are computed inside the forward.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 import mmfm_jax.parallel  # noqa: F401  (turns off flax's eager variable sharding: logical names are metadata)
-from mmfm_jax.data.preprocess import bicubic_weights
+from mmfm_jax.ops.resize import resize_token_grid
 from mmfm_jax.utils import dtype_from_name
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -253,13 +253,8 @@ def interpolate_pos_embed(pos: jax.Array, grid: tuple[int, int], antialias: bool
     gh, gw = grid
     if (gh, gw) == (g, g):
         return pos
-    wh = jnp.asarray(bicubic_weights(g, gh, antialias), jnp.float32)
-    ww = jnp.asarray(bicubic_weights(g, gw, antialias), jnp.float32)
-    patch = pos[0, 1:].astype(jnp.float32).reshape(g, g, -1)
-    hp = jax.lax.Precision.HIGHEST
-    patch = jnp.einsum("hwd,pw->hpd", patch, ww, precision=hp)
-    patch = jnp.einsum("hpd,oh->opd", patch, wh, precision=hp)
-    return jnp.concatenate([pos[:, :1].astype(jnp.float32), patch.reshape(1, gh * gw, -1)], axis=1)
+    patch = resize_token_grid(pos[:, 1:], (g, g), (gh, gw), antialias)
+    return jnp.concatenate([pos[:, :1].astype(jnp.float32), patch], axis=1)
 
 
 class Dinov2(nnx.Module):

@@ -117,6 +117,22 @@ class LayerNormNoAffine(nnx.Module):
         return ((xf - mu) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """torch ``LayerNorm`` (biased variance) in fp32 with ``scale``/``bias`` (``embed``); float32 result.
+    ``affine=False`` at call time leaves them out (the encoders' affine-stripped final LayerNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.eps = eps
+        self.scale = param(jnp.ones((dim,), jnp.float32), ("embed",))
+        self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
+
+    def __call__(self, x: jax.Array, affine: bool = True) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xc = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + self.eps)
+        return y * self.scale[...] + self.bias[...] if affine else y
+
+
 def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
     """Hidden width of the official SwiGLU FFN: ``int(2/3 * int(dim * mlp_ratio))``."""
     return int(2 / 3 * int(dim * mlp_ratio))

@@ -1,0 +1,1 @@
+"""Numerical building blocks shared by the models and the data pipeline (imports nothing above ``mmfm_jax.utils``)."""
