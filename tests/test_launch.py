@@ -1,5 +1,11 @@
+import os
+import signal
 import subprocess
 import sys
+import time
+import zipfile
+
+import pytest
 
 from mmfm_jax import launch
 
@@ -10,31 +16,126 @@ def _run(args):
     return out.stdout
 
 
-def test_tpu_dry_run():
-    text = _run(["tpu", "--name=pod", "--zone=us-east5-a", "--accelerator=v5p-16", "--create", "--dry-run",
-                 "--env=FOO=1", "--", "train", "--config=configs/train.py:xl_mode", "--workdir=gs://b/r"])
-    lines = text.strip().splitlines()
-    assert len(lines) == 3
-    assert lines[0].startswith("gcloud compute tpus tpu-vm create pod --zone=us-east5-a")
-    assert "--accelerator-type=v5p-16" in lines[0]
-    assert "--worker=all" in lines[1] and "pip install" in lines[1]
-    assert "--worker=all" in lines[2]
-    assert "FOO=1 python3 -m mmfm_jax train --config=configs/train.py:xl_mode --workdir=gs://b/r" in lines[2]
+def _tpu(*flags, job=("train", "--config=configs/train.py:xl_mode", "--workdir=gs://b/r")):
+    return _run(["tpu", "--name=pod", "--zone=us-east5-a", "--dry-run", *flags, "--", *job]).strip().splitlines()
 
 
-def test_tpu_reuse_skip_install():
-    text = _run(["tpu", "--name=pod", "--zone=z", "--skip-install", "--dry-run", "--", "sample"])
-    assert len(text.strip().splitlines()) == 1 and "create" not in text
+def test_tpu_dry_run_ships_a_wheel_of_this_checkout(repo_dir):
+    lines = _tpu("--accelerator=v5p-16", "--create", "--env=FOO=1")
+    ship = f"{repo_dir}/dist/mmfm_ship"
+    assert lines[0] == ("gcloud compute tpus tpu-vm create pod --zone=us-east5-a --accelerator-type=v5p-16 "
+                        "--version=v2-alpha-tpuv5")
+    assert lines[1] == f"rm -rf {ship} {repo_dir}/build"
+    assert lines[2].endswith(f"-m pip wheel -q --no-deps --wheel-dir {ship} {repo_dir}")
+    assert lines[3] == f"cp -r {repo_dir}/configs {ship}/configs"
+    assert lines[4].startswith("gcloud compute tpus tpu-vm ssh pod --zone=us-east5-a --worker=all '--command=mkdir")
+    assert lines[5] == f"gcloud compute tpus tpu-vm scp --recurse {ship} pod:mmfm_jax/ --zone=us-east5-a --worker=all"
+    setup, run = lines[6], lines[7]
+    assert "--worker=all" in setup and "git clone" not in setup
+    assert "uv venv -q --python 3.11 --python-preference only-managed .venv" in setup  # not the image's Python
+    assert '"mmfm_jax[tpu] @ file://$PWD/mmfm_ship/mmfm_jax-0.1.0-py3-none-any.whl"' in setup
+    assert "cp -r mmfm_ship/configs configs" in setup
+    assert run == ("gcloud compute tpus tpu-vm ssh pod --zone=us-east5-a --worker=all '--command=cd mmfm_jax && "
+                   "FOO=1 .venv/bin/python -m mmfm_jax train --config=configs/train.py:xl_mode --workdir=gs://b/r'")
+    assert len(lines) == 8
 
 
-def test_slurm_dry_run():
-    text = _run(["slurm", "--nodes=2", "--gpus-per-node=8", "--per=gpu", "--partition=gpu", "--dry-run", "--",
-                 "train", "--config=configs/train.py:xl_mode"])
+def test_tpu_dry_run_multislice_through_gcs_staging(repo_dir):
+    lines = _tpu("--num-slices=2", "--accelerator=v5p-128", "--create", "--spot", "--stage=gs://b/stage/", "--detach")
+    assert lines[0] == ("gcloud compute tpus queued-resources create pod --zone=us-east5-a --node-count=2 "
+                        "--node-prefix=pod --accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 --spot")
+    assert lines[1] == ("gcloud compute tpus queued-resources describe pod --zone=us-east5-a "
+                        "'--format=value(state.state)'")
+    assert lines[5] == ("gcloud storage rsync --recursive --delete-unmatched-destination-objects "
+                        f"{repo_dir}/dist/mmfm_ship gs://b/stage/mmfm_ship")
+    setup, run = lines[6], lines[7]
+    for line in (setup, run):
+        assert line.startswith("gcloud compute tpus queued-resources ssh pod --zone=us-east5-a --worker=all --node=all")
+    assert "gcloud storage rsync --recursive --delete-unmatched-destination-objects gs://b/stage/mmfm_ship " \
+           "mmfm_ship" in setup
+    assert "--workdir=gs://b/r --config.mesh.dcn_data=2 > logs/train-$(hostname).log" in run and "nohup env" in run
+    assert len(lines) == 8 and not any(" scp " in x for x in lines)
+
+
+def test_tpu_dry_run_repo_queued_and_skip_install():
+    lines = _tpu("--repo=https://example.org/mmfm.git", "--ref=v1.2", "--create", "--queued", job=("sample",))
+    assert lines[0].startswith("gcloud compute tpus queued-resources create pod") and "--node-id=pod" in lines[0]
+    assert "describe pod" in lines[1] and len(lines) == 4  # no local build: the workers clone
+    assert "git clone -q https://example.org/mmfm.git src" in lines[2] and "fetch -q origin v1.2" in lines[2]
+    assert '"mmfm_jax[tpu] @ file://$PWD/src"' in lines[2]
+    assert lines[3].startswith("gcloud compute tpus tpu-vm ssh pod")  # one slice: addressed as a TPU VM
+    lines = _tpu("--skip-install", job=("sample",))
+    assert len(lines) == 1 and "create" not in lines[0] and lines[0].endswith("-m mmfm_jax sample'")
+
+
+def test_tpu_launch_runs_the_commands(repo_dir, tmp_path, monkeypatch):
+    """Not a dry run: a stand-in ``gcloud`` on PATH records its calls; the wheel really is built (offline)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "gcloud").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path}/calls\n')
+    (fake / "gcloud").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    ship = tmp_path / "out" / "mmfm_ship"
+    rc = launch.main(["tpu", "--name=pod", "--zone=z", f"--ship-dir={ship}", "--no-build-isolation", "--",
+                      "train", "--workdir=gs://b/r"])
+    assert rc == 0
+    wheel = ship / launch.wheel_name(repo_dir)
+    with zipfile.ZipFile(wheel) as z:
+        assert "mmfm_jax/launch.py" in z.namelist()
+    assert (ship / "configs" / "train.py").is_file()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[3] for c in calls] == ["ssh", "scp", "ssh", "ssh"]
+    assert calls[-1].endswith("--command=cd mmfm_jax && .venv/bin/python -m mmfm_jax train --workdir=gs://b/r")
+
+
+def test_tpu_bad_flags():
+    with pytest.raises(SystemExit, match="gs:// URI"):
+        launch.main(["tpu", "--name=p", "--zone=z", "--stage=/tmp/x", "--dry-run", "--", "train"])
+    with pytest.raises(SystemExit, match="give the job"):
+        launch.main(["tpu", "--name=p", "--zone=z", "--dry-run"])
+
+
+def test_slurm_dry_run(tmp_path):
+    text = _run(["slurm", "--nodes=2", "--gpus-per-node=8", "--per=gpu", "--partition=gpu", f"--dir={tmp_path}",
+                 "--dry-run", "--", "train", "--config=configs/train.py:xl_mode"])
+    lines = text.splitlines()
+    assert lines[0] == f"mkdir -p {tmp_path}/slurm_logs" and lines[1] == "#!/bin/bash"
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text
-    assert "#SBATCH --partition=gpu" in text
+    assert "#SBATCH --partition=gpu" in text and f"#SBATCH --output={tmp_path}/slurm_logs/%x-%j.out" in text
     assert "srun --kill-on-bad-exit=1 python3 -m mmfm_jax train --config=configs/train.py:xl_mode" in text
     text = _run(["slurm", "--nodes=2", "--per=node", "--dry-run", "--", "sample"])
     assert "#SBATCH --ntasks-per-node=1" in text
+
+
+def test_slurm_creates_the_log_folder_before_sbatch(tmp_path, monkeypatch):
+    """A stand-in ``sbatch`` checks that the script's --output folder exists when it is called."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\nout=$(sed -n "s/^#SBATCH --output=//p" "$1")\n'
+                                 'test -d "$(dirname "$out")" || exit 7\nbash -n "$1" || exit 8\n'
+                                 f'cp "$1" {tmp_path}/submitted\n')
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    logs = tmp_path / "work" / "logs" / "run1"
+    assert launch.main(["slurm", f"--dir={tmp_path / 'work'}", "--log-dir=logs/run1", "--", "train"]) == 0
+    assert logs.is_dir()
+    assert f"--output={logs}/%x-%j.out" in (tmp_path / "submitted").read_text()
+
+
+def test_supervise_stops_the_others_when_one_dies():
+    """The local launcher's loop: the first process to die (here: SIGKILL) stops the rest at once and its code
+    (128 + 9) is returned; a timeout returns 124."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    procs = [subprocess.Popen(sleeper),
+             subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])]
+    t0 = time.monotonic()
+    assert launch.supervise(procs, grace_s=5.0, poll_s=0.02) == 137
+    assert time.monotonic() - t0 < 20 and procs[0].returncode == -signal.SIGTERM
+    procs = [subprocess.Popen(sleeper)]
+    assert launch.supervise(procs, timeout_s=0.3, grace_s=0.0, poll_s=0.02) == 124
+    assert procs[0].returncode is not None
+    ok = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    assert launch.supervise(ok, poll_s=0.02) == 0
 
 
 def test_local_dry_run():
@@ -49,8 +150,6 @@ def test_local_dry_run():
 
 
 def test_bad_env_flag():
-    import pytest
-
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         launch.main(["local", "--dry-run", "--env=oops", "--", "toy"])
 
