@@ -68,19 +68,19 @@ def wheel_name(root: Path) -> str:
 
 
 def _tpu_setup_script(a: argparse.Namespace, wheel: str) -> str:
-    """Worker-side install: the code (shipped wheel or a git checkout), ``configs/``, a uv venv, the tpu extra."""
+    """Worker-side install: the code (shipped wheel or a git checkout), ``configs/``, a uv venv, the extras."""
     lines = ["set -e", f"mkdir -p {a.dir}", f"cd {a.dir}"]
     if a.repo:
         lines += [f"if [ ! -d src/.git ]; then git clone -q {shlex.quote(a.repo)} src; fi",
                   f"git -C src fetch -q origin {shlex.quote(a.ref)}", "git -C src checkout -q --detach FETCH_HEAD",
                   "rm -rf configs", "cp -r src/configs configs"]
-        spec = '"mmfm_jax[tpu] @ file://$PWD/src"'
+        spec = f'"mmfm_jax[{a.extras}] @ file://$PWD/src"'
     else:
         if a.stage:
             lines.append(f"gcloud storage rsync --recursive --delete-unmatched-destination-objects "
                          f"{a.stage}/{SHIP} {SHIP}")
         lines += ["rm -rf configs", f"cp -r {SHIP}/configs configs"]
-        spec = f'"mmfm_jax[tpu] @ file://$PWD/{SHIP}/{wheel}"'
+        spec = f'"mmfm_jax[{a.extras}] @ file://$PWD/{SHIP}/{wheel}"'
     lines += ['export PATH="$HOME/.local/bin:$PATH"', f"command -v uv >/dev/null || {{ {UV_INSTALL}; }}",
               f"[ -x .venv/bin/python ] || uv venv -q --python {a.python} --python-preference only-managed .venv",
               f"uv pip install -q --python .venv/bin/python --reinstall-package mmfm_jax {spec}"]
@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "setuptools (offline)")
     t.add_argument("--repo", default="", help="install from this git URL on the workers instead of a local wheel")
     t.add_argument("--ref", default="HEAD", help="git ref for --repo (default: its default branch)")
+    t.add_argument("--extras", default="tpu", help="package extras to install, e.g. tpu,torch (official .pt files)")
     t.add_argument("--python", default="3.11", help="Python version of the workers' uv-managed environment")
     t.add_argument("--dir", default="mmfm_jax", help="working folder on the workers (relative to home)")
     t.add_argument("--detach", action="store_true", help="run under nohup (logs in DIR/logs/) and return")

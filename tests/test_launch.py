@@ -58,11 +58,12 @@ def test_tpu_dry_run_multislice_through_gcs_staging(repo_dir):
 
 
 def test_tpu_dry_run_repo_queued_and_skip_install():
-    lines = _tpu("--repo=https://example.org/mmfm.git", "--ref=v1.2", "--create", "--queued", job=("sample",))
+    lines = _tpu("--repo=https://example.org/mmfm.git", "--ref=v1.2", "--create", "--queued", "--extras=tpu,torch",
+                 job=("sample",))
     assert lines[0].startswith("gcloud compute tpus queued-resources create pod") and "--node-id=pod" in lines[0]
     assert "describe pod" in lines[1] and len(lines) == 4  # no local build: the workers clone
     assert "git clone -q https://example.org/mmfm.git src" in lines[2] and "fetch -q origin v1.2" in lines[2]
-    assert '"mmfm_jax[tpu] @ file://$PWD/src"' in lines[2]
+    assert '"mmfm_jax[tpu,torch] @ file://$PWD/src"' in lines[2]
     assert lines[3].startswith("gcloud compute tpus tpu-vm ssh pod")  # one slice: addressed as a TPU VM
     lines = _tpu("--skip-install", job=("sample",))
     assert len(lines) == 1 and "create" not in lines[0] and lines[0].endswith("-m mmfm_jax sample'")
