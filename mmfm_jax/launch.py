@@ -205,6 +205,8 @@ def slurm_script(a: argparse.Namespace, job_argv: Sequence[str]) -> str:
     lines += ["set -euo pipefail", f"cd {shlex.quote(a.dir)}"]
     if a.venv:
         lines.append(f"source {a.venv}/bin/activate")
+    if not per_gpu:  # jax would give each task only GPU $SLURM_LOCALID (= 0); parallel.py reads this instead
+        lines.append(f"export MMFM_LOCAL_DEVICE_IDS={','.join(map(str, range(a.gpus_per_node)))}")
     for k, v in _env_pairs(a.env):
         lines.append(f"export {k}={shlex.quote(v)}")
     # jax.distributed.initialize() reads SLURM_PROCID/SLURM_NTASKS/SLURM_STEP_NODELIST (and SLURM_LOCALID per GPU).

@@ -104,8 +104,10 @@ def test_slurm_dry_run(tmp_path):
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text
     assert "#SBATCH --partition=gpu" in text and f"#SBATCH --output={tmp_path}/slurm_logs/%x-%j.out" in text
     assert "srun --kill-on-bad-exit=1 python3 -m mmfm_jax train --config=configs/train.py:xl_mode" in text
-    text = _run(["slurm", "--nodes=2", "--per=node", "--dry-run", "--", "sample"])
+    assert "MMFM_LOCAL_DEVICE_IDS" not in text
+    text = _run(["slurm", "--nodes=2", "--per=node", "--gpus-per-node=4", "--dry-run", "--", "sample"])
     assert "#SBATCH --ntasks-per-node=1" in text
+    assert "export MMFM_LOCAL_DEVICE_IDS=0,1,2,3" in text  # one task drives all GPUs of its node
 
 
 def test_slurm_creates_the_log_folder_before_sbatch(tmp_path, monkeypatch):
