@@ -136,7 +136,7 @@ def tpu_commands(a: argparse.Namespace, job_argv: Sequence[str]) -> list[tuple[s
                 cmds.append(ssh(f"mkdir -p {a.dir} && rm -rf {a.dir}/{SHIP}"))
                 cmds.append(("run", base + ["scp", "--recurse", str(ship), f"{a.name}:{a.dir}/", *where, *select]))
         cmds.append(ssh(_tpu_setup_script(a, wheel)))
-    run = f"{_env_prefix(a.env)}{job}"
+    run = f"MMFM_DISTRIBUTED=auto {_env_prefix(a.env)}{job}"  # jax.distributed.initialize() on every worker
     if a.detach:  # keeps running after this ssh session ends; output in DIR/logs/ on every worker
         run = f"mkdir -p logs && nohup env {run} > logs/{job_argv[0]}-$(hostname).log 2>&1 < /dev/null &"
     cmds.append(ssh(f"cd {a.dir} && {run}"))

@@ -93,8 +93,10 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
 
     Triggers, in order: ``cfg.distributed.num_processes > 1`` (with ``coordinator_address`` and ``process_id``);
     ``MMFM_COORDINATOR_ADDRESS``/``MMFM_NUM_PROCESSES``/``MMFM_PROCESS_ID`` (our local launcher);
-    a SLURM allocation with several tasks, or a multi-host TPU VM (``jax.distributed.initialize()`` auto-detects
-    both). Returns True if it initialised. Safe to call twice.
+    a SLURM allocation with several tasks, ``TPU_WORKER_HOSTNAMES`` of several hosts (GKE), or
+    ``MMFM_DISTRIBUTED=auto`` (set by ``launch tpu``: GCE TPU VMs describe the pod only through their metadata
+    server); ``jax.distributed.initialize()`` then auto-detects the rest. Returns True if it initialised. Safe to
+    call twice.
 
     Dead peers: a process that stops sending heartbeats for ``cfg.distributed.heartbeat_timeout_s`` seconds is
     declared dead and the coordination service terminates every other process (instead of leaving them blocked in
@@ -119,7 +121,8 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
             num_processes=int(env["MMFM_NUM_PROCESSES"]),
             process_id=int(env["MMFM_PROCESS_ID"]),
         )
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+    elif (int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1
+          or env.get("MMFM_DISTRIBUTED") == "auto"):
         kwargs = {}
     else:
         return False

@@ -36,7 +36,8 @@ def test_tpu_dry_run_ships_a_wheel_of_this_checkout(repo_dir):
     assert '"mmfm_jax[tpu] @ file://$PWD/mmfm_ship/mmfm_jax-0.1.0-py3-none-any.whl"' in setup
     assert "cp -r mmfm_ship/configs configs" in setup
     assert run == ("gcloud compute tpus tpu-vm ssh pod --zone=us-east5-a --worker=all '--command=cd mmfm_jax && "
-                   "FOO=1 .venv/bin/python -m mmfm_jax train --config=configs/train.py:xl_mode --workdir=gs://b/r'")
+                   "MMFM_DISTRIBUTED=auto FOO=1 .venv/bin/python -m mmfm_jax train --config=configs/train.py:xl_mode "
+                   "--workdir=gs://b/r'")
     assert len(lines) == 8
 
 
@@ -86,7 +87,8 @@ def test_tpu_launch_runs_the_commands(repo_dir, tmp_path, monkeypatch):
     assert (ship / "configs" / "train.py").is_file()
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split()[3] for c in calls] == ["ssh", "scp", "ssh", "ssh"]
-    assert calls[-1].endswith("--command=cd mmfm_jax && .venv/bin/python -m mmfm_jax train --workdir=gs://b/r")
+    assert calls[-1].endswith("--command=cd mmfm_jax && MMFM_DISTRIBUTED=auto .venv/bin/python -m mmfm_jax train "
+                              "--workdir=gs://b/r")
 
 
 def test_tpu_bad_flags():

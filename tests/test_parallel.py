@@ -115,3 +115,21 @@ def test_distributed_timeouts_and_base_config_validation():
     c = base_config()
     c.compile_cache = "gs://my-bucket/xla_cache"
     validate_base(c)
+
+
+def test_maybe_initialize_distributed_passes_the_timeouts(monkeypatch):
+    """``MMFM_DISTRIBUTED=auto`` (set by ``launch tpu``) calls ``jax.distributed.initialize()`` with auto-detection and
+    the config's heartbeat / shutdown / init timeouts; nothing set: a single process, no call."""
+    from mmfm_jax.config_utils import base_config
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for k in ("MMFM_NUM_PROCESSES", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MMFM_LOCAL_DEVICE_IDS"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = base_config()
+    cfg.distributed.heartbeat_timeout_s = 7
+    monkeypatch.delenv("MMFM_DISTRIBUTED", raising=False)
+    assert not parallel.maybe_initialize_distributed(cfg) and not calls
+    monkeypatch.setenv("MMFM_DISTRIBUTED", "auto")
+    assert parallel.maybe_initialize_distributed(cfg)
+    assert calls == [dict(heartbeat_timeout_seconds=7, shutdown_timeout_seconds=120, initialization_timeout=300)]
