@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=-1, fsdp=1, num_devices=0))
     c.sharding = ml_collections.ConfigDict(dict(rules=()))
     c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0, coordinator_address="",
-                                                   heartbeat_timeout_s=20, shutdown_timeout_s=120,
+                                                   heartbeat_timeout_s=20, shutdown_timeout_s=300,
                                                    init_timeout_s=300))
     c.compile_cache = ""
     c.compile_cache_min_compile_s = 1.0  # cache executables that took at least this long to compile

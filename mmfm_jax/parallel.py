@@ -136,7 +136,7 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
     return True
 
 
-DISTRIBUTED_TIMEOUTS = dict(heartbeat_timeout_s=20, shutdown_timeout_s=120, init_timeout_s=300)
+DISTRIBUTED_TIMEOUTS = dict(heartbeat_timeout_s=20, shutdown_timeout_s=300, init_timeout_s=300)
 
 
 def distributed_timeouts(dist: Any = None) -> dict[str, int]:

@@ -102,7 +102,7 @@ def test_distributed_timeouts_and_base_config_validation():
 
     cfg = base_config()
     assert parallel.distributed_timeouts(cfg.distributed) == dict(
-        heartbeat_timeout_seconds=20, shutdown_timeout_seconds=120, initialization_timeout=300)
+        heartbeat_timeout_seconds=20, shutdown_timeout_seconds=300, initialization_timeout=300)
     validate_base(cfg)
     for key, bad in [("mesh.dcn_data", 0), ("mesh.dcn_data", -1), ("distributed.heartbeat_timeout_s", 0),
                      ("compile_cache", "s3://bucket/x"), ("compile_cache", "gs://"),
@@ -132,4 +132,4 @@ def test_maybe_initialize_distributed_passes_the_timeouts(monkeypatch):
     assert not parallel.maybe_initialize_distributed(cfg) and not calls
     monkeypatch.setenv("MMFM_DISTRIBUTED", "auto")
     assert parallel.maybe_initialize_distributed(cfg)
-    assert calls == [dict(heartbeat_timeout_seconds=7, shutdown_timeout_seconds=120, initialization_timeout=300)]
+    assert calls == [dict(heartbeat_timeout_seconds=7, shutdown_timeout_seconds=300, initialization_timeout=300)]
