@@ -70,25 +70,65 @@ def test_tpu_dry_run_repo_queued_and_skip_install():
     assert len(lines) == 1 and "create" not in lines[0] and lines[0].endswith("-m mmfm_jax sample'")
 
 
-def test_tpu_launch_runs_the_commands(repo_dir, tmp_path, monkeypatch):
-    """Not a dry run: a stand-in ``gcloud`` on PATH records its calls; the wheel really is built (offline)."""
+_FAKE_GCLOUD = """import os, shutil, subprocess, sys
+args = sys.argv[1:]
+home = os.environ["FAKE_WORKER_HOME"]
+with open(os.path.join(home, "..", "calls"), "a") as f:
+    f.write(" ".join(args) + "\\n")
+if args[3] == "ssh":  # run the command in the one worker's home
+    cmd = next(a.split("=", 1)[1] for a in args if a.startswith("--command="))
+    sys.exit(subprocess.run(["bash", "-c", cmd], cwd=home).returncode)
+if args[3] == "scp":  # scp --recurse SRC NAME:DIR/  ->  DIR/basename(SRC)
+    src, dest = args[5], args[6].split(":", 1)[1]
+    shutil.copytree(src, os.path.join(home, dest, os.path.basename(src)))
+"""
+
+_FAKE_UV = """import os, sys, zipfile
+args = sys.argv[1:]
+if args[0] == "venv":  # a '.venv/bin/python' that sees only what 'uv pip install' unpacked
+    os.makedirs(".venv/bin")
+    with open(".venv/bin/python", "w") as f:
+        f.write('#!/bin/bash\\nPYTHONPATH="$(dirname "$0")/../site" exec ' + sys.executable + ' "$@"\\n')
+    os.chmod(".venv/bin/python", 0o755)
+elif args[:2] == ["pip", "install"]:
+    name, _, url = args[-1].partition(" @ file://")
+    assert name == "mmfm_jax[tpu]" and url.endswith(".whl") and "--reinstall-package" in args, args
+    zipfile.ZipFile(url).extractall(".venv/site")
+"""
+
+
+def _fake_tool(path, code):
+    path.write_text(f"#!{sys.executable}\n{code}")
+    path.chmod(0o755)
+
+
+def test_tpu_launch_ships_installs_and_runs_on_a_stand_in_worker(repo_dir, tmp_path, monkeypatch, capfd):
+    """Not a dry run: the wheel really is built (offline); stand-ins for ``gcloud`` (ssh runs the command in a
+    local "worker" home, scp copies there) and ``uv`` (a venv that imports only the unpacked wheel) let the worker
+    side run for real: the job starts from the shipped code and ``configs/`` and stops at config validation."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "gcloud").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path}/calls\n')
-    (fake / "gcloud").chmod(0o755)
+    _fake_tool(fake / "gcloud", _FAKE_GCLOUD)
+    _fake_tool(fake / "uv", _FAKE_UV)
+    worker = tmp_path / "worker"
+    worker.mkdir()
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_WORKER_HOME", str(worker))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     ship = tmp_path / "out" / "mmfm_ship"
     rc = launch.main(["tpu", "--name=pod", "--zone=z", f"--ship-dir={ship}", "--no-build-isolation", "--",
-                      "train", "--workdir=gs://b/r"])
-    assert rc == 0
-    wheel = ship / launch.wheel_name(repo_dir)
-    with zipfile.ZipFile(wheel) as z:
-        assert "mmfm_jax/launch.py" in z.namelist()
-    assert (ship / "configs" / "train.py").is_file()
+                      "train", "--config=configs/train.py:tiny", "--config.mesh.dcn_data=0", "--workdir=/tmp/x"])
+    err = capfd.readouterr().err
+    assert rc != 0 and "config.mesh.dcn_data" in err, err[-2000:]  # validation ran in the worker's environment
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split()[3] for c in calls] == ["ssh", "scp", "ssh", "ssh"]
     assert calls[-1].endswith("--command=cd mmfm_jax && MMFM_DISTRIBUTED=auto .venv/bin/python -m mmfm_jax train "
-                              "--workdir=gs://b/r")
+                              "--config=configs/train.py:tiny --config.mesh.dcn_data=0 --workdir=/tmp/x")
+    with zipfile.ZipFile(ship / launch.wheel_name(repo_dir)) as z:
+        assert "mmfm_jax/launch.py" in z.namelist()
+    assert (worker / "mmfm_jax" / "configs" / "train.py").is_file()
+    assert (worker / "mmfm_jax" / ".venv" / "site" / "mmfm_jax" / "parallel.py").is_file()
+    assert not (worker / "mmfm_jax" / "mmfm_jax").exists()  # the job imported the installed wheel
 
 
 def test_tpu_bad_flags():
