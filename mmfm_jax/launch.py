@@ -259,17 +259,20 @@ def exit_code(returncode: int) -> int:
 
 
 def stop(procs: Sequence[subprocess.Popen], grace_s: float = 5.0) -> None:
-    """SIGTERM every running process, SIGKILL those still running ``grace_s`` seconds later."""
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
+    """SIGTERM every running process, SIGKILL those still running ``grace_s`` seconds later; report each."""
+    live = [(i, p) for i, p in enumerate(procs) if p.poll() is None]
+    for _, p in live:
         p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    for p in live:
+    for i, p in live:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            how = f"exited with code {exit_code(p.returncode)}"
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+            how = f"killed after {grace_s:g} s"
+        print(f"launch: stopped process {i}: {how}", file=sys.stderr, flush=True)
 
 
 def supervise(procs: Sequence[subprocess.Popen], timeout_s: float = 0.0, grace_s: float = 5.0,
@@ -311,6 +314,7 @@ def run_local(a: argparse.Namespace, job_argv: Sequence[str]) -> int:
     try:
         for env, argv in cmds:
             procs.append(subprocess.Popen(argv, env={**os.environ, **env}))
+            print(f"launch: process {len(procs) - 1}: pid {procs[-1].pid}", file=sys.stderr, flush=True)
     except BaseException:
         stop(procs, 0.0)
         raise

@@ -1,12 +1,15 @@
-"""A process of a 2-process x 4-device run (the local launcher's environment, a ``dcn_data=2`` mesh: one block per
-process) is killed with SIGKILL while its peer waits: jax.distributed's heartbeat ends the survivor within
-``distributed.heartbeat_timeout_s`` (5 s here; default 20 s) with a non-zero code, the committed checkpoint stays
-intact and a single process resumes from it; the resumed runs share a persistent compilation cache, and the
-second one loads its executables from it."""
+"""``launch/local.sh`` runs the tiny train job as 2 processes x 4 devices on a ``dcn_data=2`` mesh (one block per
+process); process 1 is killed with SIGKILL while both wait at step 3. The launcher returns 128 + 9 at once and
+SIGTERMs process 0, which cannot finish a step without its peer: jax.distributed's heartbeat
+(``distributed.heartbeat_timeout_s``, 5 s here, default 20 s) ends it well inside the launcher's 60 s grace. The
+committed checkpoint stays intact and one process resumes from it, twice, with a persistent compilation cache: the
+second resume loads the train step from it."""
 
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +17,6 @@ import jax
 import pytest
 from mp_launch import REPO, worker_env
 
-from mmfm_jax import launch
 from mmfm_jax.cli import CONFIG_DIR, run_job
 from mmfm_jax.config_utils import load_config
 
@@ -33,48 +35,39 @@ def restore_jax_cache_settings():
     compilation_cache.reset_cache()
 
 
-def _start(tmp_path, wd):
-    a = launch.build_parser().parse_args(["local", "--processes=2", "--cpu-devices=4"])
-    import portpicker
-
-    job = ["train", f"--config={CONFIG_DIR}/train.py:tiny", "--config.train.num_steps=6",
-           "--config.checkpoint.every_steps=2", "--config.debug.hang_at_step=3", "--config.mesh.dcn_data=2",
-           "--config.distributed.heartbeat_timeout_s=5", f"--workdir={wd}"]
-    procs, outs, hanging = [], [], []
-    for env, argv in launch.local_commands(a, job, portpicker.pick_unused_port()):
-        p = subprocess.Popen(argv, env=worker_env(env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-        out, ready = [], threading.Event()
-
-        def pump(p=p, out=out, ready=ready):
-            for line in p.stdout:
-                out.append(line)
-                if line.startswith("DEBUG: hanging at step 3"):
-                    ready.set()
-            ready.set()  # exited
-
-        threading.Thread(target=pump, daemon=True).start()
-        procs.append(p)
-        outs.append(out)
-        hanging.append(ready)
-    return procs, outs, hanging
-
-
 def test_dead_peer_ends_the_survivor_and_the_run_resumes(tmp_path, restore_jax_cache_settings):
     wd = tmp_path / "run"
-    procs, outs, hanging = _start(tmp_path, wd)
+    cmd = [sys.executable, "-m", "mmfm_jax.launch", "local", "--processes=2", "--cpu-devices=4", "--grace=60", "--",
+           "train", f"--config={CONFIG_DIR}/train.py:tiny", "--config.train.num_steps=6",
+           "--config.checkpoint.every_steps=2", "--config.debug.hang_at_step=3", "--config.mesh.dcn_data=2",
+           "--config.distributed.heartbeat_timeout_s=5", f"--workdir={wd}"]
+    launcher = subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    lines, both_hang = [], threading.Event()
+
+    def pump():
+        for line in launcher.stdout:
+            lines.append(line)
+            if sum(x.startswith("DEBUG: hanging at step 3") for x in lines) == 2:
+                both_hang.set()
+        both_hang.set()  # the launcher exited
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
-        for p, ev, out in zip(procs, hanging, outs):
-            assert ev.wait(240) and p.poll() is None, "".join(out)[-3000:]
+        assert both_hang.wait(300) and launcher.poll() is None, "".join(lines)[-3000:]
+        pid1 = int(re.search(r"launch: process 1: pid (\d+)", "".join(lines)).group(1))
         t0 = time.monotonic()
-        os.kill(procs[1].pid, signal.SIGKILL)
-        rc = procs[0].wait(timeout=60)
+        os.kill(pid1, signal.SIGKILL)
+        rc = launcher.wait(timeout=90)
         elapsed = time.monotonic() - t0
     finally:
-        launch.stop(procs, 0.0)
-    log = "".join(outs[0])
-    assert rc != 0 and elapsed < 30, (rc, elapsed, log[-3000:])
-    assert "distributed service detected fatal errors" in log or "heartbeat" in log, log[-3000:]
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    log = "".join(lines)
+    assert rc == 128 + signal.SIGKILL and elapsed < 30, (rc, elapsed, log[-3000:])
+    assert "launch: process 1 exited with code 137; stopping the others" in log
+    assert "launch: stopped process 0: exited with code" in log, log[-3000:]  # on its own, not killed after 60 s
+    assert "distributed service detected fatal errors" in log, log[-3000:]  # ... by the heartbeat
     assert "'dcn_data': 2" in log  # the 2-process run used one mesh block per process
 
     # The committed checkpoint (step 2) is intact: one process resumes from it, then again with a warm cache.
