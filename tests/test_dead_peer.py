@@ -1,7 +1,7 @@
 """``launch/local.sh`` runs the tiny train job as 2 processes x 4 devices on a ``dcn_data=2`` mesh (one block per
-process); process 1 is killed with SIGKILL while both wait at step 3. The launcher returns 128 + 9 at once and
-SIGTERMs process 0, which cannot finish a step without its peer: jax.distributed's heartbeat
-(``distributed.heartbeat_timeout_s``, 5 s here, default 20 s) ends it well inside the launcher's 60 s grace. The
+process); process 1 is killed with SIGKILL while both wait at step 3. The launcher SIGTERMs process 0 at once,
+which cannot finish a step without its peer: jax.distributed's heartbeat (``distributed.heartbeat_timeout_s``, 5 s
+here, default 20 s) ends it well inside the launcher's 60 s grace, and the launcher returns 128 + 9. The
 committed checkpoint stays intact and one process resumes from it, twice, with a persistent compilation cache: the
 second resume loads the train step from it."""
 
