@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,21 +46,41 @@ def check_positive(cfg: ml_collections.ConfigDict, key: str, allow_zero: bool = 
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Fields every job config has: seed, mesh, sharding rules, distributed set-up, logging."""
+    """Fields every job config has: seed, mesh, sharding rules, distributed set-up, compilation cache, logging.
+
+    ``mesh.dcn_data``: the number of TPU slices (multi-slice) or processes the batch is split across over the
+    data-centre network (1 = one slice). ``distributed.*_timeout_s``: a process silent for ``heartbeat_timeout_s``
+    is declared dead and its peers stop. ``compile_cache``: a folder or ``gs://`` URI for jax's persistent
+    compilation cache ('' = jax's default: off unless ``JAX_COMPILATION_CACHE_DIR`` is set).
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=0))
+    c.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=-1, fsdp=1, num_devices=0))
     c.sharding = ml_collections.ConfigDict(dict(rules=()))
-    c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0, coordinator_address=""))
+    c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0, coordinator_address="",
+                                                   heartbeat_timeout_s=20, shutdown_timeout_s=300,
+                                                   init_timeout_s=300))
+    c.compile_cache = ""
+    c.compile_cache_min_compile_s = 1.0  # cache executables that took at least this long to compile
     c.log_every = 50
     return c
+
+
+_GS_URI = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?")
 
 
 def validate_base(cfg: ml_collections.ConfigDict) -> None:
     for ax in ("data", "fsdp"):
         check(cfg, f"mesh.{ax}", lambda v: isinstance(v, int) and (v == -1 or v > 0), "must be a positive int or -1")
+    check(cfg, "mesh.dcn_data", lambda v: isinstance(v, int) and v > 0,
+          "must be a positive int (the number of slices; 1 = one slice)")
     check(cfg, "mesh.num_devices", lambda v: isinstance(v, int) and v >= 0, "must be >= 0 (0 = all devices)")
     check(cfg, "distributed.num_processes", lambda v: isinstance(v, int) and v >= 1, "must be >= 1")
+    for key in ("heartbeat_timeout_s", "shutdown_timeout_s", "init_timeout_s"):
+        check(cfg, f"distributed.{key}", lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1 (seconds)")
+    check(cfg, "compile_cache", lambda v: isinstance(v, str) and ("://" not in v or _GS_URI.fullmatch(v)),
+          "must be '' (off), a folder, or gs://BUCKET/PATH")
+    check(cfg, "compile_cache_min_compile_s", lambda v: isinstance(v, int | float) and v >= 0, "must be >= 0 seconds")
 
 
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:

@@ -5,7 +5,9 @@ This is the only module that knows the mesh axis names (``data``, ``fsdp``). Eve
 ``PartitionSpec`` / ``NamedSharding``.
 
 Conventions:
-- The default mesh is ``('data', 'fsdp')``; the batch is split over both axes, large parameters over ``fsdp``.
+- The mesh is ``('dcn_data', 'data', 'fsdp')``: ``dcn_data`` spans TPU slices (or hosts) connected by the data-centre
+  network (size 1 on one slice), ``data`` and ``fsdp`` the devices of one slice. The batch is split over all three
+  axes, large parameters over ``fsdp`` only (their all-gathers stay on the fast inter-chip links).
 - A mesh size of ``-1`` means "all remaining devices".
 - Meshes use ``AxisType.Auto`` (jax >= 0.7 defaults ``jax.make_mesh`` to Explicit axes, which breaks the classic
   ``jit(in_shardings=...)`` flow), so code works on both our pinned jax and newer ones.
@@ -27,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # Logical names are metadata only; we apply the rules ourselves (see ``state_shardings``).
 flax.config.update("flax_always_shard_variable", False)
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp")
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp")
+BATCH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp")
 
 # logical axis name -> mesh axis (str), tuple of mesh axes, or None (replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -91,8 +93,15 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
 
     Triggers, in order: ``cfg.distributed.num_processes > 1`` (with ``coordinator_address`` and ``process_id``);
     ``MMFM_COORDINATOR_ADDRESS``/``MMFM_NUM_PROCESSES``/``MMFM_PROCESS_ID`` (our local launcher);
-    a SLURM allocation with several tasks, or a multi-host TPU VM (``jax.distributed.initialize()`` auto-detects
-    both). Returns True if it initialised. Safe to call twice.
+    a SLURM allocation with several tasks, ``TPU_WORKER_HOSTNAMES`` of several hosts (GKE), or
+    ``MMFM_DISTRIBUTED=auto`` (set by ``launch tpu``: GCE TPU VMs describe the pod only through their metadata
+    server); ``jax.distributed.initialize()`` then auto-detects the rest. Returns True if it initialised. Safe to
+    call twice.
+
+    Dead peers: a process that stops sending heartbeats for ``cfg.distributed.heartbeat_timeout_s`` seconds is
+    declared dead and the coordination service terminates every other process (instead of leaving them blocked in
+    a collective); ``shutdown_timeout_s`` bounds the wait at the exit barrier, ``init_timeout_s`` the wait for all
+    processes to connect.
     """
     if jax.distributed.is_initialized():
         return False
@@ -112,17 +121,57 @@ def maybe_initialize_distributed(cfg: Any = None) -> bool:
             num_processes=int(env["MMFM_NUM_PROCESSES"]),
             process_id=int(env["MMFM_PROCESS_ID"]),
         )
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+    elif (int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1
+          or env.get("MMFM_DISTRIBUTED") == "auto"):
         kwargs = {}
     else:
         return False
     local = env.get("MMFM_LOCAL_DEVICE_IDS")
     if local:
         kwargs["local_device_ids"] = [int(i) for i in local.split(",")]
+    kwargs.update(distributed_timeouts(dist))
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+DISTRIBUTED_TIMEOUTS = dict(heartbeat_timeout_s=20, shutdown_timeout_s=300, init_timeout_s=300)
+
+
+def distributed_timeouts(dist: Any = None) -> dict[str, int]:
+    """``jax.distributed.initialize`` timeout arguments from ``cfg.distributed`` (defaults: DISTRIBUTED_TIMEOUTS)."""
+    get = lambda k: int(getattr(dist, k, None) or DISTRIBUTED_TIMEOUTS[k])
+    return dict(heartbeat_timeout_seconds=get("heartbeat_timeout_s"),
+                shutdown_timeout_seconds=get("shutdown_timeout_s"),
+                initialization_timeout=get("init_timeout_s"))
+
+
+def configure_compile_cache(cfg: Any) -> str:
+    """Point jax's persistent compilation cache at ``cfg.compile_cache`` (a folder or ``gs://`` URI) before the
+    first compile; ``''`` leaves jax's own settings (e.g. ``JAX_COMPILATION_CACHE_DIR``) alone. Returns the path used.
+
+    Executables that took at least ``cfg.compile_cache_min_compile_s`` seconds to compile are written (by process 0
+    only; every process reads), whatever their size; a pod restart then loads them instead of recompiling. On
+    ``gs://`` XLA's own file caches (GPU autotuning results) stay off: they only write to local paths.
+    """
+    path = str(getattr(cfg, "compile_cache", "") or "")
+    if not path:
+        return ""
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.reset_cache()  # the cache object is built once per process from the first directory
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(getattr(cfg, "compile_cache_min_compile_s", 1.0)))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_enable_xla_caches",
+                      "none" if "://" in path else "xla_gpu_per_fusion_autotune_cache_dir")
+    log.info("persistent compilation cache: %s", path)
+    return path
 
 
 def is_main_process() -> bool:
@@ -159,25 +208,70 @@ def resolve_mesh_shape(sizes: Sequence[int], n_devices: int, names: Sequence[str
     return tuple(sizes)
 
 
+def _mesh_sizes(shape: Mapping[str, int] | Sequence[int] | Any) -> list[int]:
+    """``[dcn_data, data, fsdp]`` from a mapping / config node (missing axes: 1, ``None``: -1) or a sequence."""
+    if shape is None:
+        return [1, -1, 1]
+    if isinstance(shape, Sequence):
+        sizes = [int(s) for s in shape]
+        if len(sizes) not in (2, 3):
+            raise ValueError(f"config.mesh: give (data, fsdp) or (dcn_data, data, fsdp), got {tuple(shape)}")
+        return [1, *sizes] if len(sizes) == 2 else sizes
+    get = shape.get if hasattr(shape, "get") else lambda k, d=None: getattr(shape, k, d)
+    return [-1 if s is None else s for s in (get(a, 1) for a in MESH_AXES)]
+
+
+def device_granules(devices: Sequence[Any]) -> tuple[str, list[list[Any]]]:
+    """The devices grouped by what the data-centre network connects: TPU slices (``slice_index``) when they span
+    several, else processes. Returns ``(kind, groups)`` with kind ``'slices'`` or ``'processes'``, ordered by key."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    attr, kind = ("slice_index", "slices") if len(slices) > 1 and None not in slices else ("process_index", "processes")
+    groups: dict[int, list[Any]] = {}
+    for d in devices:
+        groups.setdefault(int(getattr(d, attr)), []).append(d)
+    return kind, [groups[k] for k in sorted(groups)]
+
+
+def device_grid(dims: Sequence[int], devices: Sequence[Any]) -> np.ndarray | None:
+    """The device array of a ``(dcn_data, data, fsdp)`` mesh; None when ``dcn_data == 1`` (any layout will do).
+
+    ``dcn_data > 1`` needs exactly that many granules (:func:`device_granules`) of ``data * fsdp`` devices each;
+    :func:`jax.experimental.mesh_utils.create_hybrid_device_mesh` lays out each one (its ICI topology on TPU) and
+    stacks them along ``dcn_data``. Devices that span several TPU slices require ``dcn_data`` = the slice count.
+    """
+    from jax.experimental import mesh_utils
+
+    dcn, data, fsdp = (int(x) for x in dims)
+    kind, groups = device_granules(devices)
+    if dcn == 1:
+        if kind == "slices":
+            raise ValueError(f"config.mesh.dcn_data = 1: the devices span {len(groups)} TPU slices; set "
+                             f"--config.mesh.dcn_data={len(groups)} (the batch is split across slices, parameters "
+                             "within a slice)")
+        return None
+    sizes = sorted({len(g) for g in groups})
+    if len(groups) != dcn or sizes != [data * fsdp]:
+        raise ValueError(f"config.mesh.dcn_data = {dcn}: the devices form {len(groups)} {kind} of {sizes} devices; "
+                         f"dcn_data must equal the number of {kind} (and data * fsdp = {data * fsdp} their size)")
+    return mesh_utils.create_hybrid_device_mesh((1, data, fsdp), (dcn, 1, 1), list(devices),
+                                                process_is_granule=kind == "processes")
+
+
 def make_mesh(
     shape: Mapping[str, int] | Sequence[int] | Any = None, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A ``Mesh`` with axes ``('data', 'fsdp')`` over ``devices`` (default: all global devices).
+    """A ``Mesh`` with axes ``('dcn_data', 'data', 'fsdp')`` over ``devices`` (default: all global devices).
 
-    ``shape`` is a mapping (or config node) ``{'data': d, 'fsdp': f}`` or a sequence ``(d, f)``; ``-1`` = the rest.
-    Default: everything on ``data``.
+    ``shape`` is a mapping (or config node) ``{'dcn_data': s, 'data': d, 'fsdp': f}`` (a missing axis is 1) or a
+    sequence ``(d, f)`` / ``(s, d, f)``; ``-1`` = the rest. Default: everything on ``data``. ``dcn_data > 1``: see
+    :func:`device_grid` (one block of ``data x fsdp`` devices per slice or process).
     """
     devices = list(jax.devices() if devices is None else devices)
-    if shape is None:
-        sizes = [-1, 1]
-    elif isinstance(shape, Sequence):
-        sizes = list(shape)
-    else:
-        get = shape.get if hasattr(shape, "get") else lambda k, d=None: getattr(shape, k, d)
-        sizes = [get(a, 1) for a in MESH_AXES]
-        sizes = [-1 if s is None else s for s in sizes]
-    dims = resolve_mesh_shape(sizes, len(devices))
+    dims = resolve_mesh_shape(_mesh_sizes(shape), len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    grid = device_grid(dims, devices)
+    if grid is not None:
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if len(devices) == jax.device_count() and devices == list(jax.devices()):
         try:
             return jax.make_mesh(dims, MESH_AXES, axis_types=axis_types)

@@ -187,7 +187,8 @@ def test_restore_onto_1_and_2_devices(tmp_path_factory):
         shutil.copytree(base["workdir"], wd)
         cfg = _cfg(base["source"], **{"mesh.num_devices": n, "mesh.fsdp": fsdp, "train.num_steps": 8})
         s = run_job("train", cfg, wd)
-        assert s["resumed_from"] == 6 and s["final_step"] == 8 and s["mesh"] == {"data": n // fsdp, "fsdp": fsdp}
+        assert s["resumed_from"] == 6 and s["final_step"] == 8 and s["mesh"] == {"dcn_data": 1, "data": n // fsdp,
+                                                                                     "fsdp": fsdp}
         assert s["checkpoints"] == [6, 8]
         _assert_same(_state(wd, cfg), ref, exact=False, rtol=1e-4)
 

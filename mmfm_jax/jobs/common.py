@@ -63,8 +63,10 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | Path) -> JobContext:
-    """Initialise multi-host, build the mesh, create the workdir, write ``config.json``, open the writer."""
+    """Initialise multi-host and the compilation cache, build the mesh, create the workdir, write ``config.json``,
+    open the writer."""
     parallel.maybe_initialize_distributed(cfg)
+    parallel.configure_compile_cache(cfg)
     mesh = parallel.mesh_from_config(cfg)
     workdir = Path(workdir)
     if jax.process_index() == 0:
