@@ -144,7 +144,7 @@ class Pipeline:
         desc = json.loads(desc_path.read_text())
         manifest.variant(variant)  # a known variant
         conv, files = dict(desc["conventions"]), desc["files"]
-        base = desc_path.parent.parent
+        base = rconvert.converted_dir(root)
         mesh = parallel.make_mesh() if mesh is None else mesh
         dtype = _DTYPES[dtype or conv["dtype"]]
         yc = lambda b: "true" if b else "false"  # noqa: E731
