@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 
+from mmfm_jax.cli import run
 from mmfm_jax.release import manifest
 from mmfm_jax.release.fetch import LOCK_FILE, ReleaseError, fetch_release
 
@@ -64,7 +65,7 @@ def hub(tmp_path_factory, fixtures_dir):
                 "pt_inception.pth": {}}
     r = np.random.default_rng(0)
     x = r.normal(size=(40, 8))
-    gm = GaussianMixture(K, covariance_type="diag", max_iter=3, random_state=0).fit(x)
+    gm = GaussianMixture(K, covariance_type="diag", max_iter=20, random_state=0).fit(x)
     files = {
         "checkpoints/tiny/mode.pt": b"main" * 100, "checkpoints/autoguidance/guide.pt": b"guide" * 50,
         "decoders/tiny/model.pt": b"decoder" * 30, "normalization_stats/tiny/stat.pt": b"stat" * 10,
@@ -115,8 +116,12 @@ def test_fetch_resumes_verifies_and_records(hub, registered, tmp_path, monkeypat
     # an earlier run was killed while downloading the Inception weights (not on the hub: a plain URL)
     (out / "inception").mkdir(parents=True)
     (out / "inception" / "pt_inception.pth.incomplete").write_bytes(hub["files"]["elsewhere/pt_inception.pth"][:50])
+    with pytest.raises(SystemExit) as e:  # the command line
+        run(["mmfm-jax", "fetch-release", f"--variant={VARIANT}", f"--dir={out}", f"--repo={REPO}",
+             f"--endpoint={fake.endpoint}", "--dry-run"])
+    assert e.value.code == 0 and not out.joinpath("checkpoints").exists()
     dry = fetch_release(VARIANT, out, repo_id=REPO, endpoint=fake.endpoint, dry_run=True)
-    assert dry["files"]["model"]["size"] == 400 and not out.joinpath("checkpoints").exists()
+    assert dry["files"]["model"]["size"] == 400 and dry["files"]["model"]["status"] == "to download"
     s = fetch_release(VARIANT, out, repo_id=REPO, endpoint=fake.endpoint)
     assert {v["status"] for v in s["files"].values()} == {"downloaded"} and len(s["files"]) == 8
     for role, key in hub["variant"]["roles"].items():
@@ -153,8 +158,12 @@ def test_convert_then_sample_without_torch(hub, registered, tmp_path, monkeypatc
     out = tmp_path / "artifacts"
     fetch_release(VARIANT, out, repo_id=REPO, endpoint=registered.endpoint, evaluation=False)
     monkeypatch.setitem(sys.modules, "torch", fake_torch(hub["payloads"]))
-    desc = convert_release(VARIANT, out, evaluation=False)
-    assert set(desc["converted"]) == {"model", "guide", "decoder", "stats", "source"}
+    with pytest.raises(SystemExit) as e:
+        run(["mmfm-jax", "convert", f"--variant={VARIANT}", f"--dir={out}", "--no-eval"])
+    assert e.value.code == 0
+    desc = json.loads((out / "converted" / VARIANT / "pipeline.json").read_text())
+    assert set(desc["files"]) == {"model", "guide", "decoder", "stats", "source"}
+    assert (out / "converted" / desc["files"]["model"]).suffix == ".safetensors"
     assert convert_release(VARIANT, out, evaluation=False)["converted"] == []  # once
     monkeypatch.setitem(sys.modules, "torch", None)  # from here on, `import torch` fails
     pipe = Pipeline.from_release(out, variant=VARIANT)
