@@ -65,7 +65,7 @@ def hub(tmp_path_factory, fixtures_dir):
                 "pt_inception.pth": {}}
     r = np.random.default_rng(0)
     x = r.normal(size=(40, 8))
-    gm = GaussianMixture(K, covariance_type="diag", max_iter=20, random_state=0).fit(x)
+    gm = GaussianMixture(K, covariance_type="diag", max_iter=200, random_state=0).fit(x)
     files = {
         "checkpoints/tiny/mode.pt": b"main" * 100, "checkpoints/autoguidance/guide.pt": b"guide" * 50,
         "decoders/tiny/model.pt": b"decoder" * 30, "normalization_stats/tiny/stat.pt": b"stat" * 10,
