@@ -36,7 +36,7 @@ SOLVERS = ("euler", "gm_ode", "gm_sde")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Pipeline:
     """A loaded model (+ optional guide, mode source, decoder, statistics, encoder) and its conventions.
 
@@ -55,6 +55,12 @@ class Pipeline:
     conventions: dict[str, Any]
     encoder: Any = None  # Dinov2, built on first encode()
     _fns: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        c = self.conventions
+        return (f"Pipeline(model={self.main[3]!r}, guide={self.guide[3] if self.guide else None!r}, "
+                f"latents={self.latent_shape}, source={'GMM' if self.source is not None else 'Gaussian'}, "
+                f"decoder={self.decoder is not None}, shift={c['shift']:.4g}, dtype={c['dtype']})")
 
     @property
     def latent_shape(self) -> tuple[int, int]:

@@ -61,7 +61,7 @@ def test_sample_equals_the_sample_job(run_dir, repo_dir):
         pipe.decode(got)
 
 
-def test_shift_from_config_and_checkpoint_fallback(run_dir, caplog):
+def test_shift_from_config_and_checkpoint_fallback(run_dir, repo_dir, caplog):
     from mmfm_jax.api import Pipeline
     from mmfm_jax.train.sampling import read_train_config, train_shift
 
@@ -81,3 +81,11 @@ def test_shift_from_config_and_checkpoint_fallback(run_dir, caplog):
     assert "cannot be restored" in caplog.text
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
         Pipeline.from_workdir(work, step=3)
+    # the sample job reads the same shift (sampler.shift=0) and falls back the same way
+    cfg = load_config(f"{repo_dir}/configs/sample.py:tiny", {
+        "model.workdir": str(work), "decoder.enabled": False, "num_samples": 4, "output.images_per_shard": 4})
+    s = run_job("sample", cfg, run_dir / "sample_copy")
+    assert s["model"].endswith("@2") and (work / "checkpoints" / "4").exists()
+    want = np.load(run_dir / "sample_copy" / "samples" / "images-00000.npz")["arr_0"]
+    np.testing.assert_allclose(pipe.sample(4, steps=5), want, rtol=1e-5, atol=1e-5)
+    assert "shift=0.25" in repr(pipe)

@@ -44,7 +44,7 @@ from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.gmm.source import load_source
 from mmfm_jax.jobs.sample_gm import SOLVERS, gm_substeps, guide_scales, peek_model_config, validate_for_model
-from mmfm_jax.train.sampling import load_model, make_sample_fn
+from mmfm_jax.train.sampling import load_model, make_sample_fn, read_train_config, train_shift
 from mmfm_jax.utils import progress
 
 DEFAULT_CONFIG = "sample.py:tiny"
@@ -116,6 +116,9 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     if mcfg.patch_size != 1:
         raise ConfigError("config.model: only patch_size 1 (token latents) is supported by the sampler")
     event_shape = (mcfg.input_size ** 2, mcfg.in_channels)
+    if cfg.model.kind == "train" and not float(cfg.sampler.shift):  # 0: the shift the run was trained with
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.sampler.shift = train_shift(read_train_config(cfg.model.workdir), event_shape)
     source = None
     if cfg.source.kind == "gmm":
         source, _ = load_source(cfg.source.path, mesh if cfg.source.shard_table else None)
