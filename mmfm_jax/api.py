@@ -143,9 +143,9 @@ class Pipeline:
             root = Path(os.environ.get("MMFM_CACHE", "~/.cache/mmfm_jax")).expanduser() / repo.replace("/", "--")
             from mmfm_jax.release.fetch import fetch_release
 
-            fetch_release(variant, root, repo_id=repo, guide=guide is True, evaluation=False, endpoint=endpoint)
+            fetch_release(variant, root, repo_id=repo, evaluation=False, endpoint=endpoint)
         desc_path = rconvert.converted_dir(root) / variant / rconvert.PIPELINE_FILE
-        if not desc_path.exists():
+        if not desc_path.exists() or (guide is True and "guide" not in json.loads(desc_path.read_text())["files"]):
             rconvert.convert_release(variant, root, guide=guide is True, evaluation=False)
         desc = json.loads(desc_path.read_text())
         manifest.variant(variant)  # a known variant

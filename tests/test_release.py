@@ -152,7 +152,12 @@ def test_fetch_resumes_verifies_and_records(hub, registered, tmp_path, monkeypat
 
 
 def test_convert_then_sample_without_torch(hub, registered, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+    from flax import nnx
+
     from mmfm_jax.api import Pipeline
+    from mmfm_jax.data.preprocess import mmfm_pixels
+    from mmfm_jax.models.dinov2 import Dinov2, Dinov2Config, encode_mmfm
     from mmfm_jax.release.convert import convert_release
 
     out = tmp_path / "artifacts"
@@ -165,14 +170,26 @@ def test_convert_then_sample_without_torch(hub, registered, tmp_path, monkeypatc
     assert set(desc["files"]) == {"model", "guide", "decoder", "stats", "source"}
     assert (out / "converted" / desc["files"]["model"]).suffix == ".safetensors"
     assert convert_release(VARIANT, out, evaluation=False)["converted"] == []  # once
+    # a hub repository id: fetched and converted into $MMFM_CACHE first
+    monkeypatch.setenv("MMFM_CACHE", str(tmp_path / "cache"))
+    bare = Pipeline.from_release(REPO, variant=VARIANT, guide=False, decoder=False, endpoint=registered.endpoint)
+    assert bare.guide is None and bare.decoder is None and bare.main[2].use_y_conditioning
+    assert (tmp_path / "cache" / "someone--mm-fm-test" / "converted" / VARIANT / "pipeline.json").exists()
+    with pytest.raises(ValueError, match="no encoder"):
+        bare.encode(np.zeros((1, 32, 32, 3), np.uint8))
+
     monkeypatch.setitem(sys.modules, "torch", None)  # from here on, `import torch` fails
-    pipe = Pipeline.from_release(out, variant=VARIANT)
+    enc = Dinov2(Dinov2Config.preset("fixture_small", hidden_size=C), rngs=nnx.Rngs(0))
+    enc.precompute_pos_embed(224)
+    pipe = Pipeline.from_release(out, variant=VARIANT, encoder=enc)
     assert pipe.main[2].use_y_conditioning and pipe.guide is not None and pipe.source.n_modes == K
     img, modes = pipe.sample(4, seed=0, steps=3, return_modes=True)
     assert img.shape == (4, 64, 64, 3) and img.dtype == np.uint8 and set(modes.tolist()) <= set(range(K))
     plain = pipe.sample(4, seed=0, steps=3, guidance=1.0)
     assert not np.array_equal(img, plain)  # guidance 1.5 (the release's) differs from none
-    z = np.random.default_rng(0).normal(size=(2, G * G, C)).astype(np.float32)
-    assert pipe.decode(z).shape == (2, 64, 64, 3)
-    with pytest.raises(ValueError, match="no encoder"):
-        pipe.encode(np.zeros((1, 32, 32, 3), np.uint8))
+    crops = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    z = pipe.encode(crops)  # resized to 224, DINOv2, normalised by the release's statistics
+    want = encode_mmfm(enc, mmfm_pixels(jnp.asarray(crops), 224), pipe.var, pipe.mean)[0]
+    assert z.shape == (2, G * G, C)
+    np.testing.assert_allclose(z, np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert pipe.decode(z).shape == (2, 64, 64, 3) and pipe.decode(z).dtype == np.uint8
