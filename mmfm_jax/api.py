@@ -88,6 +88,28 @@ class Pipeline:
         mesh = parallel.make_mesh() if mesh is None else mesh
         rules = parallel.rules_from_config(cfg)
         dtype = _DTYPES[dtype or cfg.train.compute_dtype]
+        var = mean = None
+        normalized, enc, image_size = False, encoder, 224
+        if cfg.data.kind == "latents":  # the latent dataset says whether and how the model's latents are normalised
+            from mmfm_jax.data import latents as latents_lib
+            from mmfm_jax.utils import read_json
+
+            ddir = Path(cfg.data.path)
+            if not (ddir / latents_lib.MANIFEST).exists():
+                raise FileNotFoundError(f"{ddir / latents_lib.MANIFEST} missing: the run's latent dataset "
+                                        "(config.data.path) holds its latent statistics")
+            normalized = bool(read_json(ddir / latents_lib.MANIFEST).get("normalized", True)) or bool(
+                cfg.data.normalize)
+            stats = latents_lib.load_stats(ddir)
+            if normalized:
+                if stats is None or "var" not in stats:
+                    raise ValueError(f"{ddir}: the run's latents are normalised but the dataset has no stats.npz var")
+                var, mean = stats["var"], stats.get("mean")
+            enc_cfg = ddir.parent / "config.json"
+            if enc is None and enc_cfg.is_file():
+                e = ml_collections.ConfigDict(json.loads(enc_cfg.read_text()))
+                if "encoder" in e and not e.encoder.get("random_init", False):
+                    enc, image_size = e.encoder.weights, int(e.data.image_size)
         spec = lambda w, s: ml_collections.ConfigDict(dict(kind="train", workdir=str(w), step=int(s)))  # noqa: E731
         main = sampling.load_model(spec(train_workdir, step), mesh, rules, dtype)
         g = None if guide is None else sampling.load_model(spec(guide, guide_step), mesh, rules, dtype)
@@ -98,20 +120,6 @@ class Pipeline:
             from mmfm_jax.gmm.source import load_source
 
             source, _ = load_source(cfg.source.path, mesh)
-        var = mean = None
-        normalized, enc, image_size = False, encoder, 224
-        if cfg.data.kind == "latents":
-            from mmfm_jax.data import latents as latents_lib
-
-            ds = latents_lib.LatentShards(cfg.data.path, normalize=bool(cfg.data.normalize))
-            normalized = bool(ds.manifest.get("normalized", True)) or ds.normalize
-            if normalized and ds.stats is not None:
-                var, mean = ds.stats["var"], ds.stats.get("mean")
-            enc_cfg = Path(cfg.data.path).parent / "config.json"
-            if enc is None and enc_cfg.is_file():
-                e = ml_collections.ConfigDict(json.loads(enc_cfg.read_text()))
-                if "encoder" in e and not e.encoder.get("random_init", False):
-                    enc, image_size = e.encoder.weights, int(e.data.image_size)
         dec = None
         if decoder is not None:
             from mmfm_jax.convert.decoder import load_decoder
@@ -192,6 +200,8 @@ class Pipeline:
                 raise ValueError(f"Pipeline: the source's event shape {source.event_shape} != the model's {event}")
             if mcfg.use_y_conditioning and source.n_modes > mcfg.num_modes:
                 raise ValueError(f"Pipeline: {source.n_modes} source modes but the model has {mcfg.num_modes}")
+        if var is not None and tuple(np.shape(var)) != event:
+            raise ValueError(f"Pipeline: latent statistics of shape {np.shape(var)}, the model's latents are {event}")
         if decoder is not None and (decoder.config.num_patches, decoder.config.latent_dim) != event:
             raise ValueError(f"Pipeline: the decoder decodes {decoder.config.num_patches} x "
                              f"{decoder.config.latent_dim} latents, the model makes {event[0]} x {event[1]}")

@@ -89,3 +89,25 @@ def test_shift_from_config_and_checkpoint_fallback(run_dir, repo_dir, caplog):
     want = np.load(run_dir / "sample_copy" / "samples" / "images-00000.npz")["arr_0"]
     np.testing.assert_allclose(pipe.sample(4, steps=5), want, rtol=1e-5, atol=1e-5)
     assert "shift=0.25" in repr(pipe)
+
+
+def test_normalisation_and_encoder_from_the_latent_dataset(run_dir):
+    from mmfm_jax.api import Pipeline
+
+    work, ds = run_dir / "latents_run", run_dir / "enc" / "latents"
+    shutil.copytree(run_dir / "train", work, symlinks=True)
+    cfg = json.loads((work / "config.json").read_text())
+    cfg["data"].update(kind="latents", path=str(ds), normalize=True)
+    (work / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match=r"config\.data\.path"):
+        Pipeline.from_workdir(work)
+    ds.mkdir(parents=True)
+    (ds / "manifest.json").write_text(json.dumps({"normalized": False}))  # raw latents, normalised when read
+    var = np.full((16, 4), 4.0, np.float32)
+    np.savez(ds / "stats.npz", var=var)
+    (ds.parent / "config.json").write_text(json.dumps({"encoder": {"weights": "org/encoder", "random_init": False},
+                                                       "data": {"image_size": 28}}))
+    pipe = Pipeline.from_workdir(work)
+    c = pipe.conventions
+    assert c["normalized"] and c["encoder"] == "org/encoder" and c["image_size"] == 28 and pipe.mean is None
+    np.testing.assert_array_equal(np.asarray(pipe.var), var)
