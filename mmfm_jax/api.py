@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mmfm_jax import parallel
@@ -92,13 +93,12 @@ class Pipeline:
         normalized, enc, image_size = False, encoder, 224
         if cfg.data.kind == "latents":  # the latent dataset says whether and how the model's latents are normalised
             from mmfm_jax.data import latents as latents_lib
-            from mmfm_jax.utils import read_json
 
-            ddir = Path(cfg.data.path)
+            ddir = epath.Path(cfg.data.path)
             if not (ddir / latents_lib.MANIFEST).exists():
                 raise FileNotFoundError(f"{ddir / latents_lib.MANIFEST} missing: the run's latent dataset "
                                         "(config.data.path) holds its latent statistics")
-            normalized = bool(read_json(ddir / latents_lib.MANIFEST).get("normalized", True)) or bool(
+            normalized = bool(json.loads((ddir / latents_lib.MANIFEST).read_text()).get("normalized", True)) or bool(
                 cfg.data.normalize)
             stats = latents_lib.load_stats(ddir)
             if normalized:

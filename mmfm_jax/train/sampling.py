@@ -14,13 +14,13 @@ import dataclasses
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mmfm_jax import parallel
@@ -44,9 +44,9 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTDHConfig:
     return DiTDHConfig(dtype=cfg.train.compute_dtype, **kw)
 
 
-def read_train_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def read_train_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
     """A training run's ``config.json`` as a ConfigDict (``FileNotFoundError`` naming the file if absent)."""
-    path = Path(workdir) / "config.json"
+    path = epath.Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (not a training workdir, or the run has not started)")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -59,7 +59,7 @@ def train_shift(train_cfg: ml_collections.ConfigDict, event_shape: tuple[int, ..
                                                                                                    4096)))
 
 
-def restore_train_ema(workdir: str | Path, mesh, rules: Any = None, dtype: str | None = None, step: int = -1
+def restore_train_ema(workdir: str | epath.PathLike, mesh, rules: Any = None, dtype: str | None = None, step: int = -1
                       ) -> tuple[nnx.GraphDef, Any, DiTDHConfig, int]:
     """EMA parameters (+ buffers) of a training run's checkpoint, restored onto ``mesh`` with the model's logical
     shardings (a partial restore: the optimizer state is never read). ``step=-1``: the newest step that restores
@@ -69,7 +69,7 @@ def restore_train_ema(workdir: str | Path, mesh, rules: Any = None, dtype: str |
     """
     from mmfm_jax.train.checkpoint import Checkpointer
 
-    workdir = Path(workdir).absolute()
+    workdir = epath.Path(workdir)
     mcfg = model_config(read_train_config(workdir))
     if dtype is not None:
         mcfg = dataclasses.replace(mcfg, dtype=dtype)
