@@ -218,12 +218,12 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
 
-    def _sample_fn(self, steps: int, seed: int, w: float | None, solver: str, gm_substeps: int, gm_order: int):
-        key = (steps, seed, w, solver, gm_substeps, gm_order)
+    def _sample_fn(self, steps: int, w: float | None, solver: str, gm_substeps: int, gm_order: int):
+        key = (steps, w, solver, gm_substeps, gm_order)
         if key not in self._fns:
             c = self.conventions
             cfg = ml_collections.ConfigDict(dict(
-                seed=int(seed), source=dict(shard_table=True),
+                seed=0, source=dict(shard_table=True),
                 sampler=dict(num_points=int(steps), shift=float(c["shift"]), t_end=float(c["t_end"]), dtype=c["dtype"],
                              solver=solver, gm_substeps=int(gm_substeps), gm_order=int(gm_order)),
                 guide=dict(scale=1.0 if w is None else float(w), scales=(), t_min=float(c["guide_t_min"]),
@@ -263,7 +263,9 @@ class Pipeline:
             sub = 1 if solver == "gm_sde" else (gm_substeps or max(2, -(-128 // (int(steps) - 1))))
             gmflow.validate_gm_source("gmm" if self.source is not None else "gaussian", self.main[2].use_y_conditioning,
                                       solver="sde" if solver == "gm_sde" else "ode", num_substeps=sub, order=gm_order)
-        fn = self._sample_fn(int(steps), int(seed), w, solver, gm_substeps, gm_order)
+        if not 0 <= int(seed) < 2 ** 31:
+            raise ValueError(f"sample: seed must be in [0, 2^31), got {seed}")
+        fn = self._sample_fn(int(steps), w, solver, gm_substeps, gm_order)
         mult = parallel.batch_size_multiple(self.mesh)
         gb = -(-min(int(batch_size), int(n)) // mult) * mult
         gstate = None if w is None else self.guide[1]
@@ -274,7 +276,7 @@ class Pipeline:
         for b0 in range(0, int(n), gb):
             idx = np.arange(b0, b0 + gb, dtype=np.int32)  # past n: computed and dropped
             g_idx = parallel.host_to_global(idx[parallel.local_batch_slice(gb)], self.mesh)
-            x, k = parallel.global_to_host(fn(self.main[1], gstate, src, dstate, g_idx))
+            x, k = parallel.global_to_host(fn(self.main[1], gstate, src, dstate, g_idx, seed=int(seed)))
             xs.append(np.asarray(x[:int(n) - b0]))
             ks.append(np.asarray(k[:int(n) - b0]))
         out = np.concatenate(xs)

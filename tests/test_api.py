@@ -53,6 +53,7 @@ def test_sample_equals_the_sample_job(run_dir, repo_dir):
     got = pipe.sample(6, seed=3, steps=5, batch_size=4)  # another batch split
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(pipe.sample(6, seed=4, steps=5, batch_size=4), got)
+    assert len(pipe._fns) == 1  # another seed reuses the compiled program
     with pytest.raises(ValueError, match="gm_ode.*GM model"):
         pipe.sample(2, solver="gm_ode")
     with pytest.raises(ValueError, match="guidance needs a guide"):

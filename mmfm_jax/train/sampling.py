@@ -153,12 +153,12 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
 
     ``main`` / ``guide``: :func:`load_model` tuples (guide None: no guidance); ``source``: a ``ModeSource`` or None
     (Gaussian); ``decoder``: an ``RAEDecoder`` or None (latents out); ``var`` / ``mean``: the latent statistics
-    the decoder de-normalises with. Call as ``fn(main_state, guide_state, source, decoder_state, indices)``.
-    Returns ``(fn, grid)``.
+    the decoder de-normalises with. Call as ``fn(main_state, guide_state, source, decoder_state, indices,
+    seed=cfg.seed)``: the seed (in [0, 2^31)) is an argument of the compiled program, so another seed does not
+    recompile. Returns ``(fn, grid)``.
     """
     g_main, _, mcfg_main, _ = main
     grid = sample_grid(cfg, event_shape)
-    base = jax.random.PRNGKey(int(cfg.seed))
     table_sharded = source is not None and cfg.source.shard_table
     batch_sh = parallel.batch_sharding(mesh, 1)
     dec_graph = None if decoder is None else nnx.graphdef(decoder)
@@ -169,7 +169,8 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
     gm_kw = dict(solver="sde" if solver == "gm_sde" else "ode", num_substeps=gm_substeps(cfg) if solver != "euler"
                  else 1, order=int(cfg.sampler.gm_order) if solver != "euler" else 1)
 
-    def fn(main_state, guide_state, src, dec_state, indices):
+    def fn(main_state, guide_state, src, dec_state, indices, seed):
+        base = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
         b = indices.shape[0]
         if src is None:
@@ -218,4 +219,8 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
     ndim = (4 if decoder is not None else 3) + int(sweep)
     jitted = jax.jit(fn, out_shardings=(parallel.batch_sharding(mesh, ndim), batch_sh),
                      compiler_options=parse_compiler_options("auto") or None)
-    return jitted, grid
+
+    def call(main_state, guide_state, src, dec_state, indices, seed: int = int(cfg.seed)):
+        return jitted(main_state, guide_state, src, dec_state, indices, np.int32(seed))
+
+    return call, grid
