@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,9 @@ class Pipeline:
         root = Path(dir_or_hub_repo).expanduser()
         if not root.is_dir():
             repo = str(dir_or_hub_repo)
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith("."):
+                raise FileNotFoundError(f"from_release: {repo!r} is neither a folder nor a hub repository id "
+                                        "('owner/name')")
             root = Path(os.environ.get("MMFM_CACHE", "~/.cache/mmfm_jax")).expanduser() / repo.replace("/", "--")
             from mmfm_jax.release.fetch import fetch_release
 

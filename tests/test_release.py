@@ -177,6 +177,8 @@ def test_convert_then_sample_without_torch(hub, registered, tmp_path, monkeypatc
     assert (tmp_path / "cache" / "someone--mm-fm-test" / "converted" / VARIANT / "pipeline.json").exists()
     with pytest.raises(ValueError, match="no encoder"):
         bare.encode(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a hub repository"):
+        Pipeline.from_release(str(tmp_path / "missing"), variant=VARIANT)
 
     monkeypatch.setitem(sys.modules, "torch", None)  # from here on, `import torch` fails
     enc = Dinov2(Dinov2Config.preset("fixture_small", hidden_size=C), rngs=nnx.Rngs(0))
