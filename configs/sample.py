@@ -14,6 +14,8 @@ GMFlow (a model trained with ``model.head='gm'``): ``sampler.solver`` 'gm_ode' |
 mean velocity), ``sampler.gm_substeps`` (GM-ODE substeps per evaluation; 0 = max(2, ceil(128 / NFE))),
 ``sampler.gm_order`` (1 | 2); with a guide the guidance is probabilistic AutoGuidance, ``guide.scale`` in [0, 1).
 ``guide.scales = (w1, w2, ...)``: a guidance sweep in one compiled program, one output folder per scale.
+``sampler.shift = 0``: the shift the model was trained with (``model.kind='train'``: its ``config.json``), else the
+resolution shift ``sqrt(L * C / 4096)``.
 """
 
 import ml_collections

@@ -11,14 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from mmfm_jax.jobs import JOBS
+from mmfm_jax.jobs import COMMANDS, JOBS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def usage() -> str:
     return ("usage: python -m mmfm_jax <job> [--config=configs/<file>.py[:variant]] [--config.key=value ...] "
-            "[--workdir=DIR]\njobs: " + ", ".join(JOBS))
+            "[--workdir=DIR]\njobs: " + ", ".join(JOBS) + "\ncommands (--help each): " + ", ".join(COMMANDS))
 
 
 def default_config_path(module) -> str:
@@ -52,6 +52,8 @@ def run(argv: list[str] | None = None) -> None:
         print(usage())
         raise SystemExit(0 if len(argv) >= 2 else 2)
     job = argv[1]
+    if job in COMMANDS:
+        raise SystemExit(importlib.import_module(COMMANDS[job]).main(argv[2:]))
     if job not in JOBS:
         print(f"unknown job {job!r}\n{usage()}", file=sys.stderr)
         raise SystemExit(2)

@@ -30,12 +30,9 @@ and scale w is written to ``samples/scale_<w>/`` (``samples_scale_<w>.npz``, ``g
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,26 +42,14 @@ from flax import nnx
 
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
-from mmfm_jax.flow import gmflow
-from mmfm_jax.flow.samplers import autoguidance, euler_sample, guided_velocity_fn
-from mmfm_jax.gmm.source import load_source, sample_prior, sample_source
-from mmfm_jax.jobs.sample_gm import (
-    SOLVERS,
-    as_gm,
-    gm_substeps,
-    guide_scales,
-    peek_model_config,
-    sample_grid,
-    validate_for_model,
-)
+from mmfm_jax.gmm.source import load_source
+from mmfm_jax.jobs.sample_gm import SOLVERS, gm_substeps, guide_scales, peek_model_config, validate_for_model
 from mmfm_jax.models import encoders
-from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
-from mmfm_jax.train.step import mode_gaussian
-from mmfm_jax.utils import parse_compiler_options, progress
+from mmfm_jax.train.sampling import load_model, make_sample_fn, read_train_config, train_shift
+from mmfm_jax.utils import progress
 
 DEFAULT_CONFIG = "sample.py:tiny"
 log = logging.getLogger("mmfm_jax")
-SDE_STREAM = 3
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -96,87 +81,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         validate_for_model(cfg, mcfg)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-
-
-def _pure_shardings(mesh, abstract_state, rules):
-    return nnx.to_pure_dict(parallel.state_shardings(mesh, abstract_state, rules))
-
-
-def restore_train_ema(workdir: str | Path, mesh, rules: Any = None, dtype: str | None = None, step: int = -1
-                      ) -> tuple[nnx.GraphDef, Any, DiTDHConfig, int]:
-    """EMA parameters (+ buffers) of a training run's checkpoint, restored onto ``mesh`` with the model's logical
-    shardings (Orbax partial restore: the optimizer state is never read). ``step=-1``: the newest step that
-    restores; an unreadable newest step falls back to the previous one with a warning.
-
-    Returns ``(graphdef, state, model_config, step)``; ``nnx.merge(graphdef, state)`` is the model.
-    """
-    import orbax.checkpoint as ocp
-
-    from mmfm_jax.jobs.train import model_config
-
-    workdir = Path(workdir).absolute()
-    train_cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    mcfg = model_config(train_cfg)
-    if dtype is not None:
-        mcfg = dataclasses.replace(mcfg, dtype=dtype)
-    g, p, r = nnx.split(nnx.eval_shape(lambda: DiTDH(mcfg, nnx.Rngs(0))), nnx.Param, ...)
-    psh, bsh = _pure_shardings(mesh, p, rules), _pure_shardings(mesh, r, rules)
-    abs_p, abs_b = nnx.to_pure_dict(p), nnx.to_pure_dict(r)
-    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    target = {"ema": jax.tree.map(sds, abs_p, psh), "buffers": jax.tree.map(sds, abs_b, bsh)}
-    ckdir = workdir / "checkpoints"
-    steps = sorted((int(d.name) for d in ckdir.iterdir() if d.name.isdigit() and (d / "state").exists()),
-                   reverse=True) if ckdir.exists() else []
-    if step >= 0:
-        steps = [s for s in steps if s == step]
-    if not steps:
-        raise FileNotFoundError(f"sample: no checkpoint{f' at step {step}' if step >= 0 else ''} in {ckdir}")
-    ckptr = ocp.PyTreeCheckpointer()
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    for i, s in enumerate(steps):
-        try:
-            out = ckptr.restore(ckdir / str(s) / "state", args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True))
-        except Exception as e:  # noqa: BLE001  (truncated / corrupt step: try the previous one)
-            log.warning("sample: checkpoint step %d unusable (%s: %s)", s, type(e).__name__, str(e)[:200])
-            continue
-        if i:
-            log.warning("sample: using checkpoint step %d instead of the newest %d", s, steps[0])
-        return g, _merge(g, p, r, out), mcfg, s
-    raise FileNotFoundError(f"sample: no usable checkpoint in {ckdir} (tried {steps})")
-
-
-def _merge(g, p, r, out) -> Any:
-    pstate, rstate = nnx.State(p), nnx.State(r)
-    nnx.replace_by_pure_dict(pstate, out["ema"])
-    nnx.replace_by_pure_dict(rstate, out["buffers"])
-    return nnx.state(nnx.merge(g, pstate, rstate))
-
-
-def load_model(spec: ml_collections.ConfigDict, mesh, rules: Any, dtype: str) -> tuple[Any, Any, DiTDHConfig, str]:
-    """-> (graphdef, sharded state, config, description) for ``spec.kind`` 'train' or 'official'."""
-    if spec.kind == "train":
-        g, state, mcfg, step = restore_train_ema(spec.workdir, mesh, rules, dtype, int(spec.step))
-        return g, state, mcfg, f"{spec.workdir}@{step}"
-    from mmfm_jax.convert.ditdh import load_official_ditdh
-
-    overrides: dict[str, Any] = {"dtype": dtype}
-    if spec.use_y_conditioning in ("true", "false"):
-        overrides["use_y_conditioning"] = spec.use_y_conditioning == "true"
-    model = load_official_ditdh(spec.path, prefix=spec.prefix, **overrides)
-    g, state = nnx.split(model)
-    state = jax.device_put(state, parallel.state_shardings(mesh, state, rules))
-    return g, state, model.config, str(spec.path)
-
-
 def resolve_encoder(cfg: ml_collections.ConfigDict) -> str:
     """``encoder.name``, or (``''``) the encoder of a training run's latents (``model.kind='train'``: the latents'
     manifest, else the run's ``encoder.name``), else ``dinov2_b``. A mismatch is a ``ConfigError``."""
     found = None
     if cfg.model.kind == "train" and cfg.model.workdir and (Path(cfg.model.workdir) / "config.json").exists():
-        tc = json.loads((Path(cfg.model.workdir) / "config.json").read_text())
+        tc = read_train_config(cfg.model.workdir).to_dict()
         data = tc.get("data") or {}
         found = encoders.recorded_encoder(data.get("path")) if data.get("kind") == "latents" else None
         found = found or (tc.get("encoder") or {}).get("name") or None
@@ -211,77 +121,6 @@ def build_decoder(cfg: ml_collections.ConfigDict, encoder: str | None = None):
     return load_decoder(d.weights, dcfg, prefix=d.prefix)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_shape):
-    """jit over the mesh: global sample indices [B] -> (uint8 images or latents [B, ...], modes [B]); with a
-    guidance sweep (``guide.scales``) the first output is [B, S, ...], entry s for scale s."""
-    g_main, _, mcfg_main, _ = main
-    grid = sample_grid(cfg, event_shape)
-    base = jax.random.PRNGKey(int(cfg.seed))
-    table_sharded = source is not None and cfg.source.shard_table
-    batch_sh = parallel.batch_sharding(mesh, 1)
-    dec_graph = None if decoder is None else nnx.graphdef(decoder)
-    gm = mcfg_main.head == "gm"
-    sweep = len(cfg.guide.scales) > 0
-    scales = guide_scales(cfg)
-    solver = cfg.sampler.solver
-    gm_kw = dict(solver="sde" if solver == "gm_sde" else "ode", num_substeps=gm_substeps(cfg) if solver != "euler"
-                 else 1, order=int(cfg.sampler.gm_order) if solver != "euler" else 1)
-
-    def fn(main_state, guide_state, src, dec_state, indices):
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-        b = indices.shape[0]
-        if src is None:
-            z0, k = sample_source("gaussian", None, None, keys, (b, *event_shape))
-        else:
-            z0, k = sample_prior(src, keys, mesh=mesh if table_sharded else None)
-        z0 = z0.astype(jnp.bfloat16 if cfg.sampler.dtype == "bfloat16" else jnp.float32)
-        model = nnx.merge(g_main, main_state)
-        y = k if mcfg_main.use_y_conditioning else None
-        main_fn = lambda x, t: model(x, t, y)  # noqa: E731
-        guide_fn = None
-        if guide is not None:
-            gmodel = nnx.merge(guide[0], guide_state)
-            gy = k if guide[2].use_y_conditioning else None
-            guide_fn = lambda x, t: gmodel(x, t, gy)  # noqa: E731
-        gsrc = None
-        if gm and src is not None and mcfg_main.use_y_conditioning:
-            gsrc = mode_gaussian(src, k, mesh if table_sharded else None)
-        sde_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, SDE_STREAM))(keys)
-
-        def one(w):
-            if gm:
-                return gmflow.gm_sample(main_fn, z0, grid, guidance_scale=w, source=gsrc, keys=sde_keys,
-                                        guide_fn=None if guide_fn is None else (lambda x, t: as_gm(guide_fn(x, t))),
-                                        **gm_kw)
-            if guide_fn is None:
-                return euler_sample(main_fn, z0, grid)
-            if not sweep:  # as before sweeps existed (a scale of 1 skips the guide)
-                return euler_sample(guided_velocity_fn(main_fn, guide_fn, float(w), float(cfg.guide.t_min),
-                                                       float(cfg.guide.t_max)), z0, grid)
-            return euler_sample(lambda x, t: autoguidance(main_fn(x, t), guide_fn(x, t), w, t,
-                                                          float(cfg.guide.t_min), float(cfg.guide.t_max)), z0, grid)
-
-        if sweep:
-            x = jnp.swapaxes(jax.vmap(one)(jnp.asarray(scales, jnp.float32)), 0, 1)  # [B, S, L, C]
-        else:
-            x = one(scales[0] if guide_fn is not None else 0.0)
-        if dec_graph is None:
-            return x, k
-        from mmfm_jax.models.decoder import decode_latents, to_uint8
-
-        flat = x.reshape((-1,) + x.shape[-2:])
-        imgs = to_uint8(decode_latents(nnx.merge(dec_graph, dec_state), flat, var, mean))
-        return imgs.reshape(x.shape[:-2] + imgs.shape[1:]), k
-
-    ndim = (4 if decoder is not None else 3) + int(sweep)
-    jitted = jax.jit(fn, out_shardings=(parallel.batch_sharding(mesh, ndim), batch_sh),
-                     compiler_options=parse_compiler_options("auto") or None)
-    return jitted, grid
-
-
 def _todo_shards(outs: list[Path], n_shards: int) -> list[int]:
     todo = [s for s in range(n_shards) if not all((o / f"images-{s:05d}.npz").exists() for o in outs)]
     if jax.process_count() > 1:
@@ -307,6 +146,9 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     if mcfg.patch_size != 1:
         raise ConfigError("config.model: only patch_size 1 (token latents) is supported by the sampler")
     event_shape = (mcfg.input_size ** 2, mcfg.in_channels)
+    if cfg.model.kind == "train" and not float(cfg.sampler.shift):  # 0: the shift the run was trained with
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.sampler.shift = train_shift(read_train_config(cfg.model.workdir), event_shape)
     source = None
     if cfg.source.kind == "gmm":
         source, _ = load_source(cfg.source.path, mesh if cfg.source.shard_table else None)

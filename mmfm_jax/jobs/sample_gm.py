@@ -4,20 +4,14 @@ model's config (``model.head``, mode conditioning). See ``jobs/sample.py`` and `
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mmfm_jax.config_utils import ConfigError, check
 from mmfm_jax.flow import gmflow
-from mmfm_jax.flow.gm_ops import GM
-from mmfm_jax.flow.samplers import euler_grid
-from mmfm_jax.flow.time import resolution_shift
 from mmfm_jax.models.ditdh import DiTDHConfig
+from mmfm_jax.train.sampling import as_gm, gm_substeps, guide_scales, model_config, sample_grid  # noqa: F401
 
 SOLVERS = ("euler", "gm_ode", "gm_sde")
 
@@ -30,23 +24,7 @@ def peek_model_config(spec: ml_collections.ConfigDict) -> DiTDHConfig | None:
     path = Path(spec.workdir) / "config.json"
     if not path.is_file():
         return None
-    from mmfm_jax.jobs.train import model_config
-
     return model_config(ml_collections.ConfigDict(json.loads(path.read_text())))
-
-
-def gm_substeps(cfg: ml_collections.ConfigDict) -> int:
-    """GM-ODE substeps per model evaluation (``sampler.gm_substeps``; 0: GMFlow's ``max(2, ceil(128 / NFE))``);
-    GM-SDE: 1."""
-    if cfg.sampler.solver == "gm_sde":
-        return 1
-    n = int(cfg.sampler.gm_substeps)
-    return n if n > 0 else max(2, math.ceil(128 / (int(cfg.sampler.num_points) - 1)))
-
-
-def guide_scales(cfg: ml_collections.ConfigDict) -> tuple[float, ...]:
-    """The guidance scale(s): ``guide.scales`` when set (a sweep), else ``(guide.scale,)``."""
-    return tuple(float(w) for w in cfg.guide.scales) or (float(cfg.guide.scale),)
 
 
 def validate_for_model(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig) -> None:
@@ -82,21 +60,3 @@ def validate_for_model(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig) -> Non
         check(cfg, "decoder.weights", lambda v: bool(v) or cfg.decoder.random_init,
               "required: the RAE decoder (official model.pt, or .safetensors/.npz with its keys)")
         check(cfg, "decoder.stats", lambda v: bool(v), "required: latent statistics (stats.npz or official stat.pt)")
-
-
-def sample_grid(cfg: ml_collections.ConfigDict, event_shape: tuple[int, ...]) -> np.ndarray:
-    """The time grid: Euler's ``num_points`` points down to ``t_end``, or GMFlow's ``(num_points - 1) *
-    substeps + 1`` points down to 0; the shift is ``sampler.shift`` (0: the resolution shift)."""
-    shift = float(cfg.sampler.shift) or resolution_shift(math.prod(event_shape))
-    if cfg.sampler.solver == "euler":
-        return euler_grid(int(cfg.sampler.num_points), shift, float(cfg.sampler.t_end))
-    return gmflow.gm_grid(int(cfg.sampler.num_points) - 1, gm_substeps(cfg), shift)
-
-
-def as_gm(out: jax.Array | GM) -> GM:
-    """A velocity model's output as a one-component GM (only its mean is used, by guidance)."""
-    if isinstance(out, GM):
-        return out
-    v = jnp.asarray(out, jnp.float32)
-    return GM(v[..., None, :], jnp.zeros(v.shape[:-1] + (1,), jnp.float32), jnp.zeros((v.shape[0],) + (1,) * v.ndim,
-                                                                                           jnp.float32))

@@ -9,7 +9,6 @@ an in-memory dataset / a given ``ModeSource`` (the digits demo).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
 from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from mmfm_jax.train.optim import optimizer_from_config
+from mmfm_jax.train.sampling import model_config
 from mmfm_jax.train.state import param_count, state_initializer
 from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
 from mmfm_jax.utils import parse_compiler_options, progress
@@ -49,12 +49,6 @@ _PROGRAM_KEYS = ("initial_lr", "base_lr", "final_lr", "initial_phase_steps", "de
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps."""
-
-
-def model_config(cfg: ml_collections.ConfigDict) -> DiTDHConfig:
-    fields = {f.name for f in dataclasses.fields(DiTDHConfig)} - {"dtype"}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.model.items() if k in fields}
-    return DiTDHConfig(dtype=cfg.train.compute_dtype, **kw)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -132,8 +132,12 @@ class Checkpointer:
 
     # -- restore -------------------------------------------------------------------------------------------
 
-    def _restore_step(self, step: int, target: Any, iterator: Any, with_config: bool) -> tuple[Any, Any]:
+    def _restore_step(self, step: int, target: Any, iterator: Any, with_config: bool, partial: bool = False
+                      ) -> tuple[Any, Any]:
         items = {"state": ocp.args.StandardRestore(target)}
+        if partial:  # only the target's leaves are read (e.g. the EMA weights without the optimizer state)
+            items["state"] = ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=jax.tree.map(
+                lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target))
         reposition = False
         if iterator is not None:
             data_dir = self.dir / str(step) / "data"
@@ -153,20 +157,23 @@ class Checkpointer:
             _reposition(iterator, step)
         return state, (r["config"] if with_config else None)
 
-    def restore(self, target: Any, iterator: Any = None, with_config: bool = True) -> Restored | None:
-        """Restore the newest usable step onto ``target``'s shardings (and ``iterator``'s position).
+    def restore(self, target: Any, iterator: Any = None, with_config: bool = True, *, partial: bool = False,
+                step: int | None = None) -> Restored | None:
+        """Restore the newest usable step (or only ``step``) onto ``target``'s shardings (and ``iterator``'s position).
 
         Returns None if there is no checkpoint. Unusable newer steps are logged, moved aside, and skipped; raises if no
-        step can be restored (:class:`CheckpointMismatchError` for a state of another config).
+        step can be restored (:class:`CheckpointMismatchError` for a state of another config). ``partial=True``
+        (readers such as sampling): ``target`` is a dict of some of the state's fields (``{'ema': ..., 'buffers':
+        ...}``), only those are read, and unusable steps are skipped but left in place.
         """
-        steps = sorted(self.all_steps(), reverse=True)
+        steps = sorted((s for s in self.all_steps() if step is None or s == step), reverse=True)
         if not steps:
             return None
         bad: list[int] = []
         for s in steps:
-            self.check_compatible(s, target)
+            self.check_compatible(s, target, partial)
             try:
-                state, config = self._restore_step(s, target, iterator, with_config)
+                state, config = self._restore_step(s, target, iterator, with_config, partial)
                 ok = True
             except Exception as e:  # noqa: BLE001  (any failure means: this step is unusable)
                 log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
@@ -174,16 +181,18 @@ class Checkpointer:
                 ok = False
             if _all_processes_agree(ok):
                 if bad:
-                    self._quarantine(bad)
+                    if not partial:
+                        self._quarantine(bad)
                     log.warning("restored checkpoint step %d instead of the latest %d", s, bad[0])
                 return Restored(step=s, state=state, config=config, fallback_from=bad[0] if bad else None)
             bad.append(s)
         raise RuntimeError(f"no checkpoint step in {self.dir} can be restored (tried {bad}; see the warnings). They "
                            "are left in place: fix the files (or the filesystem), or move them aside to start fresh.")
 
-    def check_compatible(self, step: int, target: Any) -> None:
+    def check_compatible(self, step: int, target: Any, partial: bool = False) -> None:
         """Raise :class:`CheckpointMismatchError` if ``step``'s saved state has other leaves or shapes than
-        ``target`` (read from the Orbax metadata, no arrays). Unreadable metadata passes: the restore decides."""
+        ``target`` (read from the Orbax metadata, no arrays; ``partial``: only ``target``'s leaves are compared).
+        Unreadable metadata passes: the restore decides."""
         try:
             with ocp.StandardCheckpointer() as c:
                 md = c.metadata(self.dir / str(step) / "state")
@@ -191,6 +200,8 @@ class Checkpointer:
         except Exception:  # noqa: BLE001  (damaged metadata: the restore that follows reports and falls back)
             return
         want = leaf_shapes(target)
+        if partial:
+            saved = {k: v for k, v in saved.items() if k.split("/")[0] in target}
         if not saved or saved == want:
             return
         diffs = [f"{k}: saved {saved.get(k, 'absent')}, now {want.get(k, 'absent')}"
