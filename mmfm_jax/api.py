@@ -31,6 +31,7 @@ from etils import epath
 from flax import nnx
 
 from mmfm_jax import parallel
+from mmfm_jax.models import encoders
 from mmfm_jax.train import sampling
 
 log = logging.getLogger("mmfm_jax")
@@ -91,7 +92,7 @@ class Pipeline:
         rules = parallel.rules_from_config(cfg)
         dtype = _DTYPES[dtype or cfg.train.compute_dtype]
         var = mean = None
-        normalized, enc, image_size = False, encoder, 224
+        normalized, enc, image_size, enc_name = False, encoder, 224, "dinov2_b"
         if cfg.data.kind == "latents":  # the latent dataset says whether and how the model's latents are normalised
             from mmfm_jax.data import latents as latents_lib
 
@@ -111,6 +112,7 @@ class Pipeline:
                 e = ml_collections.ConfigDict(json.loads(enc_cfg.read_text()))
                 if "encoder" in e and not e.encoder.get("random_init", False):
                     enc, image_size = e.encoder.weights, int(e.data.image_size)
+            enc_name = encoders.recorded_encoder(str(ddir)) or enc_name
         spec = lambda w, s: ml_collections.ConfigDict(dict(kind="train", workdir=str(w), step=int(s)))  # noqa: E731
         main = sampling.load_model(spec(train_workdir, step), mesh, rules, dtype)
         g = None if guide is None else sampling.load_model(spec(guide, guide_step), mesh, rules, dtype)
@@ -126,8 +128,11 @@ class Pipeline:
             from mmfm_jax.convert.decoder import load_decoder
             from mmfm_jax.models.decoder import DecoderConfig
 
-            dec = load_decoder(decoder, DecoderConfig.preset(decoder_preset, dtype=dtype))
+            espec = encoders.get(enc_name)  # the decoder de-normalises with its encoder's mean / std, as RAE does
+            dec = load_decoder(decoder, DecoderConfig.preset(decoder_preset, dtype=dtype, image_mean=espec.mean,
+                                                             image_std=espec.std))
         conv = dict(shift=sampling.train_shift(cfg, event), t_end=0.999, dtype=dtype, guide_scale=float(guide_scale),
+                    encoder_name=enc_name,
                     guide_t_min=0.0, guide_t_max=1.0, encoder=None if enc is None or not isinstance(enc, str) else enc,
                     image_size=image_size, normalized=normalized, workdir=str(train_workdir))
         return cls._build(mesh, main, g, source, dec, var, mean, conv, enc if not isinstance(enc, str) else None)
@@ -191,6 +196,7 @@ class Pipeline:
             dec = load_decoder(base / files["decoder"], DecoderConfig.preset(conv["decoder_preset"], dtype=dtype,
                                                                              **over))
         conv.update(dtype=dtype, normalized=True, release=str(base), variant=variant)
+        conv.setdefault("encoder_name", "dinov2_b")
         return cls._build(mesh, main, g, source, dec, var, mean, conv, encoder)
 
     @classmethod
@@ -308,27 +314,28 @@ class Pipeline:
 
     def encode(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 centre crops ``[B, S, S, 3]`` (S = 256 for the release: ADM crops) -> the model's latents
-        ``[B, L, C]`` float32 (DINOv2 with the torch-exact bicubic resize to ``image_size``, normalised as the run's
-        latents are)."""
+        ``[B, L, C]`` float32 (the run's encoder, ``conventions['encoder_name']``, fed ``image_size`` pixels with its
+        mean / std; normalised as the run's latents are)."""
         from mmfm_jax.data.preprocess import mmfm_pixels
-        from mmfm_jax.models.dinov2 import encode_mmfm
 
+        espec = encoders.get(self.conventions.get("encoder_name", "dinov2_b"))
         if self.encoder is None:
             name = self.conventions.get("encoder")
             if not name:
                 raise ValueError("encode: no encoder known for this run (its latent dataset has no encode "
-                                 "config.json); pass encoder=<Dinov2, hub id or local dir> when loading")
-            from mmfm_jax.convert.dinov2 import load_dinov2
+                                 f"config.json); pass encoder=<{espec.name} model, hub id or local dir> when loading")
+            from mmfm_jax.convert.encoders import load_encoder
 
-            self.encoder = load_dinov2(name, local_files_only=False, dtype="float32",
-                                       image_sizes=(int(self.conventions["image_size"]),))
+            self.encoder = load_encoder(espec.name, name, dtype="float32", local_files_only=False,
+                                        image_size=int(self.conventions["image_size"]))
         x = np.asarray(images)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] != x.shape[2]:
             raise ValueError(f"encode: expected uint8 square crops [B, S, S, 3], got {x.dtype} {x.shape}")
         size = int(self.conventions["image_size"])
         norm = self.conventions.get("normalized", False)
         if "encode" not in self._fns:
-            self._fns["encode"] = nnx.jit(lambda e, im, v, m: encode_mmfm(e, mmfm_pixels(im, size), v, m)[0])
+            self._fns["encode"] = nnx.jit(lambda e, im, v, m: espec.encode(
+                e, mmfm_pixels(im, size, None, espec.mean, espec.std), v, m)[0])
         v, m = (self.var, self.mean) if norm else (None, None)
         out = np.concatenate([np.asarray(self._fns["encode"](self.encoder, jnp.asarray(x[i:i + batch_size]), v, m))
                               for i in range(0, len(x), batch_size)])
