@@ -45,13 +45,14 @@ def check_positive(cfg: ml_collections.ConfigDict, key: str, allow_zero: bool = 
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Fields every job config has: seed, mesh, sharding rules, distributed set-up, logging."""
+    """Fields every job config has: seed, mesh, sharding rules, distributed set-up, logging, overwrite."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, num_devices=0))
     c.sharding = ml_collections.ConfigDict(dict(rules=()))
     c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0, coordinator_address=""))
     c.log_every = 50
+    c.overwrite = False  # True: delete this stage's outputs in the workdir and start it afresh (workdir.py)
     return c
 
 

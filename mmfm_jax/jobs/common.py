@@ -14,7 +14,9 @@ import ml_collections
 from jax.sharding import Mesh
 
 from mmfm_jax import parallel
+from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.utils import MetricWriter, write_json_atomic
+from mmfm_jax.workdir import WorkdirLock, check_stage
 
 log = logging.getLogger("mmfm_jax")
 
@@ -28,6 +30,7 @@ class JobContext:
     mesh: Mesh
     writer: MetricWriter
     t0: float = dataclasses.field(default_factory=time.time)
+    lock: WorkdirLock | None = None
 
     @property
     def is_main(self) -> bool:
@@ -42,6 +45,45 @@ class JobContext:
         if self.is_main:
             write_json_atomic(self.path("summary.json"), summary)
         return summary
+
+    def close(self) -> None:
+        """Close the metric writer and release the workdir lock."""
+        self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _guard_workdir(job: str, cfg: ml_collections.ConfigDict, workdir: Path) -> WorkdirLock | None:
+    """Process 0 takes the workdir lock and checks the job's stage fingerprint (``workdir.Stage`` in the job
+    module's ``STAGE``); every process raises the same error if either fails. Nothing is written on failure."""
+    import importlib
+
+    import numpy as np
+
+    from mmfm_jax.jobs import JOBS
+
+    lock, err = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir, job).acquire()
+            stage = getattr(importlib.import_module(JOBS[job]), "STAGE", None) if job in JOBS else None
+            if stage is not None:
+                check_stage(workdir, job, stage, cfg.to_dict(), overwrite=bool(cfg.get("overwrite", False)))
+        except ConfigError as e:
+            if lock is not None:
+                lock.release()
+                lock = None
+            err = str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(bool(err)))))
+        if failed and not err:
+            err = f"{job}: process 0 refused workdir {workdir} (see its log)"
+    if err:
+        raise ConfigError(err)
+    return lock
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -63,10 +105,12 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | Path) -> JobContext:
-    """Initialise multi-host, build the mesh, create the workdir, write ``config.json``, open the writer."""
+    """Initialise multi-host, build the mesh, lock the workdir and check the stage's fingerprint (``workdir.py``),
+    create the workdir, write ``config.json``, open the writer. Call ``ctx.close()`` at the end."""
     parallel.maybe_initialize_distributed(cfg)
     mesh = parallel.mesh_from_config(cfg)
     workdir = Path(workdir)
+    lock = _guard_workdir(job, cfg, workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(workdir / "config.json", cfg.to_dict())
@@ -74,4 +118,4 @@ def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | Path) -> 
     writer = MetricWriter(workdir / "tb")
     log.info("%s: %d devices (%d processes), mesh %s, workdir %s", job, jax.device_count(), jax.process_count(),
              dict(mesh.shape), workdir)
-    return JobContext(job=job, workdir=workdir, mesh=mesh, writer=writer)
+    return JobContext(job=job, workdir=workdir, mesh=mesh, writer=writer, lock=lock)

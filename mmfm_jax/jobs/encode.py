@@ -37,8 +37,12 @@ from mmfm_jax.data import stats as stats_lib
 from mmfm_jax.data.preprocess import mmfm_pixels
 from mmfm_jax.models.dinov2 import Dinov2, Dinov2Config, encode_mmfm
 from mmfm_jax.utils import progress, save_npz_atomic
+from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "encode.py:tiny"
+# what the latents depend on (workdir.py): a re-run with other values stops; config.overwrite=True starts afresh
+STAGE = Stage(keys=("data", "encoder", "output", "stats"), ignore=("data.num_threads", "data.batch_size"),
+              inputs=("stats.import_path",), outputs=("latents",), output_keys=("output.dir",))
 log = logging.getLogger("mmfm_jax")
 
 

@@ -58,10 +58,17 @@ from mmfm_jax.jobs.sample_gm import (
     validate_for_model,
 )
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
+from mmfm_jax.train.checkpoint import quiet_failed_restores, verify_checksums
 from mmfm_jax.train.step import mode_gaussian
 from mmfm_jax.utils import parse_compiler_options, progress
+from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "sample.py:tiny"
+# what the samples depend on (workdir.py): another checkpoint, source or sampler setting stops a resumed run
+STAGE = Stage(keys=("seed", "model", "guide", "source", "sampler", "decoder", "num_samples", "output"),
+              inputs=("model.workdir", "model.path", "guide.workdir", "guide.path", "source.path", "decoder.weights",
+                      "decoder.stats"),
+              outputs=("samples", "samples*.npz", "grid*.png"))
 log = logging.getLogger("mmfm_jax")
 SDE_STREAM = 3
 
@@ -130,12 +137,16 @@ def restore_train_ema(workdir: str | Path, mesh, rules: Any = None, dtype: str |
         steps = [s for s in steps if s == step]
     if not steps:
         raise FileNotFoundError(f"sample: no checkpoint{f' at step {step}' if step >= 0 else ''} in {ckdir}")
+    quiet_failed_restores()
     ckptr = ocp.PyTreeCheckpointer()
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
     for i, s in enumerate(steps):
         try:
             out = ckptr.restore(ckdir / str(s) / "state", args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True))
+            sums = ckdir / str(s) / "checksums" / "metadata"
+            if sums.exists():  # bit rot in the EMA: like a damaged step
+                verify_checksums(out, json.loads(sums.read_text()), f"checkpoint step {s}", partial=True)
         except Exception as e:  # noqa: BLE001  (truncated / corrupt step: try the previous one)
             log.warning("sample: checkpoint step %d unusable (%s: %s)", s, type(e).__name__, str(e)[:200])
             continue

@@ -124,12 +124,13 @@ def state_checksums(state: Any) -> dict[str, str]:
     return {n: f"{int(a):08x}:{int(b):08x}" for n, (a, b) in zip(names, sums)}
 
 
-def verify_checksums(state: Any, saved: dict[str, Any], where: str) -> None:
-    """Raise :class:`ChecksumError` naming the first array whose restored checksum differs from ``saved``."""
+def verify_checksums(state: Any, saved: dict[str, Any], where: str, partial: bool = False) -> None:
+    """Raise :class:`ChecksumError` naming the first array whose restored checksum differs from ``saved`` (the
+    ``checksums`` item of a step). ``partial``: ``state`` is a subtree (e.g. ``{'ema': ..., 'buffers': ...}``)."""
     sums = saved.get("arrays", {}) if isinstance(saved, dict) else {}
     now = state_checksums(state)
     bad = [k for k in now if k in sums and sums[k] != now[k]]
-    missing = sorted(set(sums) - set(now))
+    missing = [] if partial else sorted(set(sums) - set(now))
     if bad:
         raise ChecksumError(f"{where}: checksum mismatch in array {bad[0]} (saved {sums[bad[0]]}, restored "
                             f"{now[bad[0]]}){f' and {len(bad) - 1} more' if len(bad) > 1 else ''}: bit rot")
@@ -146,7 +147,7 @@ class _FailedReadNoise(logging.Filter):
         return not (msg.startswith("Task exception was never retrieved") and ("orbax" in msg or "tensorstore" in msg))
 
 
-def _quiet_failed_restores() -> None:
+def quiet_failed_restores() -> None:
     """When one array of a restore fails, Orbax's event loop closes with the other reads still in flight: their
     completions later raise "Event loop is closed" in tensorstore threads (printed as tracebacks through
     ``sys.unraisablehook``) and asyncio logs each unretrieved task with its whole tensorstore spec. Drop exactly
@@ -280,7 +281,7 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             return None
-        _quiet_failed_restores()
+        quiet_failed_restores()
         bad: list[int] = []
         for s in steps:
             self.check_compatible(s, target)
