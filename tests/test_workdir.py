@@ -119,3 +119,28 @@ def test_stage_fingerprint_names_changes_and_overwrite_starts_afresh(tmp_path, c
         check_stage(wd, "fit-gmm", stage, dict(cfg, gmm={"n_components": 16, "chunk_size": 64}), overwrite=True)
     assert not (wd / "out").exists() and not (wd / "x.old").exists() and "deleted" in caplog.text
     check_stage(wd, "fit-gmm", stage, dict(cfg, gmm={"n_components": 16, "chunk_size": 64}))  # recorded
+
+
+def test_library_fallback_messages_become_one_clean_line():
+    import logging
+
+    from mmfm_jax.jobs.common import CleanFallbacks
+
+    f = CleanFallbacks()
+
+    def rec(name, msg, args=(), exc=False):
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            info = sys.exc_info() if exc else None
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, info)
+
+    fb = "Could not determine bucket type for bucket name %s: no credentials, falling back to GCSFileSystem"
+    r1, r2 = rec("gcsfs", fb, ("b",)), rec("gcsfs", fb, ("b",))
+    assert f.filter(r1) and not f.filter(r2)  # the same fallback: once
+    r = rec("gcsfs.retry", "%s out of retries on exception: %s\nline two",
+            ("<bound method GCSFileSystem._call of <gcsfs.core.GCSFileSystem object at 0x7f00>>", "501"), exc=True)
+    assert f.filter(r) and r.exc_info is None
+    assert r.getMessage() == "GCSFileSystem._call out of retries on exception: 501"
+    ours = rec("mmfm_jax", "keep <bound method A.b of <x>>\nas is", exc=True)
+    assert f.filter(ours) and ours.exc_info is not None and "\n" in ours.getMessage()

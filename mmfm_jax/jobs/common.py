@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,35 @@ def _guard_workdir(job: str, cfg: ml_collections.ConfigDict, workdir: Path) -> W
     return lock
 
 
+_BOUND = re.compile(r"<bound method ([\w.]+) of .*?>+")
+_QUIET_LIBS = ("gcsfs", "fsspec", "google", "orbax", "absl", "tensorstore", "etils")
+
+
+class CleanFallbacks(logging.Filter):
+    """Third-party storage/checkpoint libraries announce fallbacks (``Could not determine bucket type ...
+    falling back to GCSFileSystem``, ``Failed to move file using moveTo API ... Falling back to copy/delete``) once
+    per call, with tracebacks and ``<bound method X of <object ...>>`` reprs. Their records become one clean line
+    each: no traceback, ``X`` instead of the repr, the first line only, and a repeated fallback message once per
+    process."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(_QUIET_LIBS):
+            return True
+        msg = _BOUND.sub(r"\1", record.getMessage()).strip().splitlines()
+        msg = msg[0] if msg else ""
+        if "falling back" in msg.lower():
+            key = (record.name, re.sub(r"\d+", "#", msg))
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+        record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = msg, (), None, None, None
+        return True
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     try:  # absl.app installs its own handler on the root logger: keep one copy of every line
@@ -98,9 +128,10 @@ def setup_logging(level: int = logging.INFO) -> None:
         h = logging.StreamHandler(sys.stderr)
         h._mmfm = True  # type: ignore[attr-defined]
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s] %(message)s", "%H:%M:%S"))
+        h.addFilter(CleanFallbacks())
         root.addHandler(h)
     root.setLevel(level)
-    for noisy in ("absl", "jax._src", "orbax", "tensorstore"):
+    for noisy in ("absl", "jax._src", "orbax", "tensorstore", "gcsfs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
