@@ -64,24 +64,26 @@ def _guard_workdir(job: str, cfg: ml_collections.ConfigDict, workdir: Path) -> W
 
     from mmfm_jax.jobs import JOBS
 
-    lock, err = None, ""
+    lock, err, failure = None, "", None
     if jax.process_index() == 0:
         try:
             lock = WorkdirLock(workdir, job).acquire()
             stage = getattr(importlib.import_module(JOBS[job]), "STAGE", None) if job in JOBS else None
             if stage is not None:
                 check_stage(workdir, job, stage, cfg.to_dict(), overwrite=bool(cfg.get("overwrite", False)))
-        except ConfigError as e:
+        except Exception as e:  # noqa: BLE001  (re-raised below, after telling the other processes)
             if lock is not None:
                 lock.release()
                 lock = None
-            err = str(e)
+            err, failure = str(e) or type(e).__name__, e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         failed = int(np.asarray(multihost_utils.broadcast_one_to_all(np.int32(bool(err)))))
         if failed and not err:
             err = f"{job}: process 0 refused workdir {workdir} (see its log)"
+    if failure is not None and not isinstance(failure, ConfigError):
+        raise failure
     if err:
         raise ConfigError(err)
     return lock
