@@ -42,7 +42,7 @@ def run_job(job: str, cfg, workdir: str | Path) -> dict:
     try:
         summary = module.run(cfg, ctx) or {}
     finally:
-        ctx.writer.close()
+        ctx.close()
     return ctx.write_summary(summary)
 
 

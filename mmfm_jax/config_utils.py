@@ -46,7 +46,8 @@ def check_positive(cfg: ml_collections.ConfigDict, key: str, allow_zero: bool = 
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Fields every job config has: seed, mesh, sharding rules, distributed set-up, compilation cache, logging.
+    """Fields every job config has: seed, mesh, sharding rules, distributed set-up, compilation cache, logging,
+    ``overwrite``.
 
     ``mesh.dcn_data``: the number of TPU slices (multi-slice) or processes the batch is split across over the
     data-centre network (1 = one slice). ``distributed.*_timeout_s``: a process silent for ``heartbeat_timeout_s``
@@ -63,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.compile_cache = ""
     c.compile_cache_min_compile_s = 1.0  # cache executables that took at least this long to compile
     c.log_every = 50
+    c.overwrite = False  # True: delete this stage's outputs in the workdir and start it afresh (workdir.py)
     return c
 
 

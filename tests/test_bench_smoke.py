@@ -15,6 +15,9 @@ CASES = {
     "train": (["--config=configs/train.py:tiny", "--batch=8", "--steps=1", "--dtype=float32",
                "--set", "source.table_dtype=bfloat16", "--trace=TMP"],
               ["batch     8:", "best: batch 8", "no accelerator kernels in this trace"]),
+    "train_checkpoint": (["--config=configs/train.py:tiny", "--dtype=float32", "--checkpoint=TMP",
+                          "--checkpoint-repeats=1"],
+                         ["checkpoint: state", "% of a save", "% of a restore"]),
     "encode": (["--preset=fixture_small", "--batch=8", "--repeats=1", "--no-torch"],
                ["mmfm_jax (jax", "not measured"]),
     "sample": (["--preset=tiny", "--guide-preset=tiny", "--modes=16", "--batch=8", "--points=3", "--no-decode",
@@ -23,7 +26,8 @@ CASES = {
 
 
 def test_every_bench_has_a_smoke_case():
-    assert set(CASES) | {"trace_summary"} == set(BENCHES)  # trace_summary: tests/test_trace_summary.py
+    # trace_summary: tests/test_trace_summary.py; train_checkpoint: bench train --checkpoint
+    assert {c.split("_checkpoint")[0] for c in CASES} | {"trace_summary"} == set(BENCHES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -33,7 +37,7 @@ def test_bench_runs(name, capsys, repo_dir, monkeypatch, tmp_path):
     monkeypatch.chdir(repo_dir)
     argv, expect = CASES[name]
     argv = [a.replace("TMP", str(tmp_path / "trace")) for a in argv]
-    importlib.import_module(BENCHES[name]).main([name, *argv])
+    importlib.import_module(BENCHES[name.split("_checkpoint")[0]]).main([name, *argv])
     out = capsys.readouterr().out
     for line in expect:
         assert line in out, (line, out[-2000:])

@@ -87,6 +87,9 @@ def test_encode_resume_rewrites_only_missing_shard(encoded, tmp_path):
     mtime0 = (lat_dir / "shard-00000.array_record").stat().st_mtime_ns
     s = run_job("encode", cfg, work2)
     assert s["shards_written_now"] == 1
+    # the bad images of the shard written before the restart are still counted (index 5: the corrupt file)
+    assert s["bad_images"] == 1 and s["bad_examples"] == [{"index": 5, "reason": "undecodable"}]
+    assert s["images_seen"] == 12 and s["bad_images_now"] == 0 and s["images_seen_now"] == 6
     assert (lat_dir / "shard-00000.array_record").stat().st_mtime_ns == mtime0
     after = latents_lib.LatentShards(lat_dir).fetch(np.arange(22))
     for k in before:
@@ -165,7 +168,8 @@ def test_encode_sigkill_then_restart_equals_uninterrupted(encoded, tmp_path, rep
     mtime0 = (lat / "shard-00000.array_record").stat().st_mtime_ns
     cfg = load_config(f"{repo_dir}/configs/encode.py:tiny", {"data.root": str(root)})
     s = run_job("encode", cfg, work)
-    assert s["shards_written_now"] == 1 and s["examples_written_now"] == 12 and s["bad_images"] == 0
+    assert s["shards_written_now"] == 1 and s["examples_written_now"] == 12 and s["bad_images_now"] == 0
+    assert s["bad_images"] == 1  # the killed run's shard 0 holds the corrupt image: the total still counts it
     assert (lat / "shard-00000.array_record").stat().st_mtime_ns == mtime0
     assert not [p.name for p in lat.iterdir() if ".tmp" in p.name]
     # == the uninterrupted run (the fixture's): manifest, records per (index, flip), sidecars, statistics

@@ -54,7 +54,10 @@ def test_two_processes_encode_like_one(tmp_path):
     for p in range(2):
         s = json.loads((mp_work / f"summary-{p}.json").read_text())
         assert s["shards_written_now"] == 1 and s["examples_written_now"] == 10
-        assert s["bad_images"] == 1 and s["bad_examples"] == [{"index": 11, "reason": "truncated"}]
+        assert s["bad_images_now"] == 1 and s["bad_examples_now"] == [{"index": 11, "reason": "truncated"}]
+        # the summary totals the whole dataset (the shards of the first run too), from the shard sidecars
+        assert s["bad_images"] == len(w.BAD) and s["images_seen"] == n_images
+        assert sorted((e["index"], e["reason"]) for e in s["bad_examples"]) == sorted(w.BAD.items())
     assert (mp_lat / "shard-00000.array_record").stat().st_mtime_ns == mtime0
 
     # the manifests: same shards (file, count, index range), complete, nothing left over

@@ -158,3 +158,26 @@ def test_sparse_m_step_option(fitted, tmp_path, repo_dir):
     g1, _ = gmm_io.load_gmm(tmp_path / "w" / "cls_gmm")
     np.testing.assert_allclose(np.asarray(g1.means), np.asarray(g0.means), atol=1e-4)
     np.testing.assert_allclose(np.asarray(g1.variances), np.asarray(g0.variances), rtol=1e-4)
+
+
+def test_rerun_with_another_config_stops_and_overwrite_refits(fitted, tmp_path):
+    """Another gmm.n_components or another latent dataset on a fitted workdir: stop before any work, naming what
+    changed (no 'already fitted' mix of an old GMM and a new table); overwrite=True refits from scratch."""
+    from mmfm_jax.config_utils import ConfigError
+
+    data, work, cfg, s, _, _ = fitted
+    w = tmp_path / "w"
+    shutil.copytree(work, w)
+    before = {p.name: p.stat().st_mtime_ns for p in (w / "source").iterdir()}
+    with pytest.raises(ConfigError, match=r"config\.gmm\.n_components: 4 -> 3"):
+        run_job("fit-gmm", load_config(cfg_path(cfg), {"data.latents_dir": str(data), "gmm.n_components": 3}), w)
+    other = tmp_path / "other"
+    make_latents(other, seed=1)
+    with pytest.raises(ConfigError, match=r"config\.data\.latents_dir: .*lat.*/latents' -> .*other'"):
+        run_job("fit-gmm", load_config(cfg_path(cfg), {"data.latents_dir": str(other)}), w)
+    assert {p.name: p.stat().st_mtime_ns for p in (w / "source").iterdir()} == before
+    s2 = run_job("fit-gmm", load_config(cfg_path(cfg), {"data.latents_dir": str(data), "gmm.n_components": 3,
+                                                        "overwrite": True}), w)
+    assert s2["n_components"] == 3 and s2["em"]["n_iter"] >= 1
+    src, _ = load_source(w / "source")
+    assert src.n_modes == 3 and src.means.shape[0] == 3

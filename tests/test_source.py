@@ -172,6 +172,30 @@ def test_save_load_roundtrip(tmp_path):
         S.load_source(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("damage", ["nan_weight", "zero_table_variance", "negative_cls_variance"])
+def test_load_refuses_a_broken_source(tmp_path, damage):
+    """Non-finite weights or non-positive variances are refused at load (not two training steps later)."""
+    import dataclasses
+
+    src = _source(8, seed=3)
+    gmm = src.gmm
+    if damage == "nan_weight":
+        gmm = dataclasses.replace(gmm, weights=np.asarray(gmm.weights).copy())
+        gmm.weights[2] = np.nan
+        want = r"gmm\.weights \(non-finite or < 0\): 1 values"
+    elif damage == "negative_cls_variance":
+        gmm = dataclasses.replace(gmm, variances=np.asarray(gmm.variances).copy())
+        gmm.variances[1, 0] = -1.0
+        want = r"gmm\.variances \(non-finite or <= 0\): 1 values"
+    src = S.ModeSource(gmm, src.means, np.asarray(src.variances).copy())
+    if damage == "zero_table_variance":
+        src.variances[0] = 0.0
+        want = r"variances \(non-finite or <= 0\): 1 values"
+    S.save_source(tmp_path / "src", src)
+    with pytest.raises(ValueError, match=rf"src: the source is unusable \({want}"):
+        S.load_source(tmp_path / "src", mesh=parallel.make_mesh((8, 1)))
+
+
 def test_cast_table_bf16_keeps_sharding_and_draws():
     mesh = parallel.make_mesh((8, 1))
     src = _source(16, seed=3)

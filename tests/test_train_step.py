@@ -174,6 +174,20 @@ def test_nonfinite_steps_are_skipped():
             np.testing.assert_array_equal(x, y)
 
 
+def test_nonfinite_cls_is_skipped_under_mode_coupling():
+    """A NaN or +-Inf [CLS] would couple to mode 0 (or 1) with a finite loss: the step is skipped and counted like a
+    non-finite latent instead."""
+    src = _source()
+    cfg = _cfg(source_kind="gmm_mode", y_from="mode")
+    good = [_batch(16, i) for i in range(4)]
+    bad = [dict(good[i], cls=good[i]["cls"].copy()) for i in (1, 2)]
+    bad[0]["cls"][3, 0] = np.nan
+    bad[1]["cls"][5, 2] = -np.inf
+    s, ms, _ = _run((4, 2), cfg, n_steps=4, use_y=True, source=src, batches=[good[0], *bad, good[3]])
+    assert [m["skipped"] for m in ms] == [0, 1, 1, 0] and int(s.skipped) == 2
+    assert int(s.opt_state[1][0].count) == 2
+
+
 def test_schedules_at_boundaries():
     lr = optim.lr_schedule(4e-4, 2e-4, 2e-5, 25_020, 50_040, 1_000_800)
     for step, want in ((0, 4e-4), (25_019, 4e-4), (25_020, 2e-4), (50_039, 2e-4), (50_040, 2e-4),

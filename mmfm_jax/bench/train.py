@@ -6,6 +6,10 @@ latents over every device, and prints images/s, model TFLOP/s per device (3 x fo
 ``--peak`` (dense bf16 TFLOP/s per device: H100 SXM 989, TPU v5p 459, v6e 918). ``--batch=0`` searches the largest
 global batch (powers of two per device) that compiles and runs. ``--set a.b=v`` overrides any config key (values
 parsed as Python literals, else strings), e.g. ``--set model.depth='(8, 2)'`` for a quicker compile.
+
+``--checkpoint=DIR`` times checkpointing instead of the step: save and restore of the train state with and without
+the per-array checksums (``train/checkpoint.py``), and the checksum reduction alone; prints the overhead of the
+checksums as a fraction of a save / restore.
 """
 
 from __future__ import annotations
@@ -117,6 +121,38 @@ def _peak_memory() -> str:
     return f"  peak {stats['peak_bytes_in_use'] / 2**30:.1f} GiB" + (f" of {limit / 2**30:.1f}" if limit else "")
 
 
+def _checkpoint_bench(state, directory: str, repeats: int = 2) -> dict:
+    """Seconds to save (and wait) / restore ``state`` with and without checksums, and to checksum it (best of
+    ``repeats``)."""
+    import shutil
+    from pathlib import Path
+
+    from mmfm_jax.train.checkpoint import Checkpointer, state_checksums
+
+    state_checksums(state)  # compile
+    t_sum = min(_seconds(lambda: state_checksums(state)) for _ in range(repeats))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    out = dict(gb=sum(x.nbytes for x in jax.tree.leaves(state)) / 1e9, checksum_s=t_sum)
+    for on in (False, True):
+        saves, restores = [], []
+        for r in range(repeats):
+            d = Path(directory) / f"ck_{int(on)}_{r}"
+            shutil.rmtree(d, ignore_errors=True)
+            ck = Checkpointer(d, async_save=False, checksums=on)
+            saves.append(_seconds(lambda c=ck: (c.save(1, state), c.wait())))
+            restores.append(_seconds(lambda c=ck: c.restore(target, with_config=False)))
+            ck.close()
+            shutil.rmtree(d, ignore_errors=True)
+        out[f"save_s_{'on' if on else 'off'}"], out[f"restore_s_{'on' if on else 'off'}"] = min(saves), min(restores)
+    return out
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench train")
     p.add_argument("--config", default="configs/train.py:xl_mode")
@@ -130,6 +166,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--max-per-device", type=int, default=256)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--checkpoint", default="", metavar="DIR",
+                   help="time checkpoint save/restore with and without checksums in DIR (no step timing)")
+    p.add_argument("--checkpoint-repeats", type=int, default=3)
     p.add_argument("--trace", default="", metavar="DIR",
                    help="after timing, profile 3 steps of the last batch into DIR and print where the device time "
                         "goes (bench trace_summary)")
@@ -142,6 +181,14 @@ def main(argv: list[str]) -> None:
           f"scan {args.scan}, source {scfg.source_kind}, y {scfg.y_from}, accum {args.accum}, "
           f"residual {mcfg.residual_dtype}, depth {mcfg.depth}, compiler options "
           f"{parse_compiler_options(cfg.train.compiler_options)}, overrides {args.set}")
+    if args.checkpoint:
+        r = _checkpoint_bench(state, args.checkpoint, args.checkpoint_repeats)
+        print(f"checkpoint: state {r['gb']:.2f} GB; checksums {r['checksum_s']:.3f} s "
+              f"({r['gb'] / max(r['checksum_s'], 1e-9):.1f} GB/s); save {r['save_s_off']:.2f} s without, "
+              f"{r['save_s_on']:.2f} s with checksums ({100 * r['checksum_s'] / r['save_s_off']:.1f}% of a save); "
+              f"restore {r['restore_s_off']:.2f} s without, {r['restore_s_on']:.2f} s with verification "
+              f"({100 * r['checksum_s'] / r['restore_s_off']:.1f}% of a restore)")
+        return
     candidates = [args.batch] if args.batch else [n_dev * 2 ** i for i in range(0, 12)
                                                    if 2 ** i <= args.max_per_device]
     best = None

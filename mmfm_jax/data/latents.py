@@ -170,8 +170,10 @@ class LatentShardWriter:
                 out.append(sid)
         return sorted(out)
 
-    def write_shard(self, shard_id: int, examples: Mapping[str, np.ndarray]) -> int:
-        """Write ``examples`` (dict of arrays, leading dim n; see :func:`encode_records`) as shard ``shard_id``.
+    def write_shard(self, shard_id: int, examples: Mapping[str, np.ndarray],
+                    info: Mapping[str, Any] | None = None) -> int:
+        """Write ``examples`` (dict of arrays, leading dim n; see :func:`encode_records`) as shard ``shard_id``;
+        ``info`` (JSON-able, e.g. the shard's bad-image counts) goes into its sidecar.
 
         Returns n. Rewriting an existing shard id replaces it atomically.
         """
@@ -191,7 +193,8 @@ class LatentShardWriter:
         fsync_dir(self.dir)
         idx = np.asarray(examples.get("index", np.arange(n)))
         meta = dict(id=int(shard_id), file=final.name, count=n,
-                    index_min=int(idx.min()) if n else None, index_max=int(idx.max()) if n else None)
+                    index_min=int(idx.min()) if n else None, index_max=int(idx.max()) if n else None,
+                    **dict(info or {}))
         write_json_atomic(self.dir / f"shard-{int(shard_id):05d}.json", meta)
         if self.update_manifest:
             self._write_manifest(complete=False)

@@ -351,4 +351,29 @@ def load_source(path: str | Path, mesh: Mesh | None = None) -> tuple[ModeSource,
         k = src.n_modes
         src = shard_source(ModeSource(gmm=jax.tree.map(np.asarray, src.gmm), means=np.asarray(src.means)[:k],
                                       variances=np.asarray(src.variances)[:k]), mesh)
+    check_source(src, str(path))
     return src, meta
+
+
+def check_source(source: ModeSource, where: str = "source") -> None:
+    """Refuse a source that would train on garbage: non-finite or negative weights (or all zero), non-finite means,
+    non-finite or non-positive variances ([CLS] GMM and the table's first K rows). One jitted count per field,
+    computed where the (sharded) arrays live. Raises ``ValueError`` naming the fields."""
+    k = source.n_modes
+
+    def counts(s: ModeSource) -> dict[str, jax.Array]:
+        w, tv = s.gmm.weights.astype(jnp.float32), s.variances[:k].astype(jnp.float32)
+        bad = lambda m: jnp.sum(~m, dtype=jnp.int32)  # noqa: E731
+        return {"gmm.weights (non-finite or < 0)": bad(jnp.isfinite(w) & (w >= 0)),
+                "gmm.weights (sum <= 0)": (jnp.sum(jnp.where(jnp.isfinite(w), w, 0.0)) <= 0).astype(jnp.int32),
+                "gmm.means (non-finite)": bad(jnp.isfinite(s.gmm.means)),
+                "gmm.variances (non-finite or <= 0)": bad(jnp.isfinite(s.gmm.variances) & (s.gmm.variances > 0)),
+                "means (non-finite)": bad(jnp.isfinite(s.means[:k].astype(jnp.float32))),
+                "variances (non-finite or <= 0)": bad(jnp.isfinite(tv) & (tv > 0))}
+
+    out = jax.jit(counts)(source)
+    got = {name: int(np.asarray(v.addressable_data(0) if hasattr(v, "addressable_data") else v))
+           for name, v in out.items()}
+    bad = [f"{name}: {n} values" for name, n in got.items() if n]
+    if bad:
+        raise ValueError(f"{where}: the source is unusable ({'; '.join(bad)}); refit it (fit-gmm) or check the file")

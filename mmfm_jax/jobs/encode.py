@@ -40,9 +40,13 @@ from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.data import stats as stats_lib
 from mmfm_jax.data.preprocess import mmfm_pixels
 from mmfm_jax.models import encoders
-from mmfm_jax.utils import progress, save_npz_atomic
+from mmfm_jax.utils import progress, read_json, save_npz_atomic
+from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "encode.py:tiny"
+# what the latents depend on (workdir.py): a re-run with other values stops; config.overwrite=True starts afresh
+STAGE = Stage(keys=("data", "encoder", "output", "stats"), ignore=("data.num_threads", "data.batch_size"),
+              inputs=("stats.import_path",), outputs=("latents",), output_keys=("output.dir",))
 log = logging.getLogger("mmfm_jax")
 
 
@@ -194,9 +198,11 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         ds = grain.MapDataset.source(idx.tolist()).map(loader)
         it = images_lib.to_batches(ds, local_bs, num_threads=int(cfg.data.num_threads))
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent", "cls", "label", "index", "flip")}
+        shard_bad = images_lib.BadImageCounter()  # kept in the shard's sidecar: restarts total the whole dataset
         moments = stats_lib.NO_MOMENTS  # of the unflipped latents of this shard, merged batch by batch
         for batch in it:
             bad.update(batch)
+            shard_bad.update(batch)
             valid = np.asarray(batch["valid"])
             for view in views:
                 flip = np.full(local_bs, view, bool)
@@ -222,13 +228,15 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
             mean, m2 = np.zeros((tokens, dim)), np.zeros((tokens, dim))
         save_npz_atomic(out / f"cls-{sid:05d}.npz", cls=ex["cls"], index=ex["index"], flip=ex["flip"])
         save_npz_atomic(_shard_stats_path(out, sid), count=np.float64(count), mean=mean, m2=m2)
-        writer.write_shard(sid, ex)  # last: its sidecar json marks the shard finished
+        writer.write_shard(sid, ex, info={"images": shard_bad.seen, **{
+            k: v for k, v in shard_bad.summary().items() if k != "seen"}})  # last: its sidecar marks it finished
         written += len(ex["index"])
     bar.close()
     parallel.sync("encode_shards")
     summary = dict(images=n_total, shards=n_shards, shards_written_now=len(todo), output=str(out),
                    grid=[grid, grid], dim=dim, encoder=spec.name)
     summary.update(_gather_counts(bad, written))
+    summary.update(_dataset_bad_counts(out, n_shards, bad.keep))
     if jax.process_index() == 0:
         count, mean, m2 = _merge_stats([_shard_stats_path(out, s) for s in range(n_shards)])
         if imported is not None:
@@ -247,8 +255,31 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     return summary
 
 
+def _dataset_bad_counts(out: Path, n_shards: int, keep: int) -> dict:
+    """Bad-image tallies of the whole dataset, from every shard's sidecar (shards written before a restart too).
+    Shards whose sidecar has no counts are listed under ``bad_counts_missing_shards``."""
+    total, seen, missing = 0, 0, []
+    reasons, examples = dict.fromkeys(images_lib.REASONS[1:images_lib.PADDING], 0), []
+    for s in range(n_shards):
+        meta = read_json(out / f"shard-{s:05d}.json")
+        if "bad" not in meta:
+            missing.append(s)
+            continue
+        total += int(meta["bad"])
+        seen += int(meta.get("images", 0))
+        for k, v in meta.get("bad_by_reason", {}).items():
+            reasons[k] = reasons.get(k, 0) + int(v)
+        examples += meta.get("bad_examples", [])
+    out_d = {"images_seen": seen, "bad_images": total, "bad_by_reason": reasons,
+             "bad_examples": sorted(examples, key=lambda e: e["index"])[:keep]}
+    if missing:
+        out_d["bad_counts_missing_shards"] = missing
+    return out_d
+
+
 def _gather_counts(bad: images_lib.BadImageCounter, written: int) -> dict:
-    """Bad-image tallies, their first examples (by index) and the examples written, summed over processes."""
+    """This run's bad-image tallies (``bad_images_now``, ...; the dataset's totals come from the shard sidecars),
+    their first examples (by index) and the examples written, summed over processes."""
     s = bad.summary()
     keys = list(s["bad_by_reason"])
     vec = np.asarray([s["seen"], s["bad"], written] + [s["bad_by_reason"][k] for k in keys], np.int64)
@@ -263,6 +294,6 @@ def _gather_counts(bad: images_lib.BadImageCounter, written: int) -> dict:
         ex = np.asarray(multihost_utils.process_allgather(ex)).reshape(-1, 2)
     ex = ex[ex[:, 1] >= 0]
     ex = ex[np.argsort(ex[:, 0], kind="stable")][: bad.keep]
-    return {"images_seen": int(vec[0]), "bad_images": int(vec[1]), "examples_written_now": int(vec[2]),
-            "bad_by_reason": {k: int(v) for k, v in zip(keys, vec[3:])},
-            "bad_examples": [{"index": int(i), "reason": images_lib.REASONS[r]} for i, r in ex]}
+    return {"images_seen_now": int(vec[0]), "bad_images_now": int(vec[1]), "examples_written_now": int(vec[2]),
+            "bad_by_reason_now": {k: int(v) for k, v in zip(keys, vec[3:])},
+            "bad_examples_now": [{"index": int(i), "reason": images_lib.REASONS[r]} for i, r in ex]}

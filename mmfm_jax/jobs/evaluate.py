@@ -22,10 +22,14 @@ from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positi
 from mmfm_jax.eval import metrics as metrics_lib
 from mmfm_jax.eval.features import extract_features
 from mmfm_jax.utils import progress, write_json_atomic
+from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "evaluate.py:imagenet256"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 log = logging.getLogger("mmfm_jax")
+# what the metrics depend on (workdir.py)
+STAGE = Stage(keys=("input", "ref", "inception", "limit", "nearest_k", "is_split_size", "sqrtm"),
+              inputs=("input.path", "ref.path", "inception.weights"), outputs=("metrics.json", "features.npz"))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -29,8 +29,14 @@ from mmfm_jax.gmm import io as gmm_io
 from mmfm_jax.gmm.precision import FUSED_BF16X3, step_precisions
 from mmfm_jax.gmm.source import ModeSource, save_source
 from mmfm_jax.models import encoders
+from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "fit_gmm.py:tiny"
+# what the GMM and the source depend on (workdir.py): a re-run with other values stops before the EM
+STAGE = Stage(keys=("data", "gmm", "spatial", "latent", "import_official"),
+              ignore=("data.batch_size", "gmm.checkpoint_every", "gmm.chunk_size", "gmm.max_iter"),
+              inputs=("data.latents_dir", "import_official.cls_pkl", "import_official.spatial_pkl"),
+              outputs=("cls_gmm", "cls_gmm.*", "em_state", "em_state.*", "source", "source.*"))
 log = logging.getLogger("mmfm_jax")
 
 

@@ -47,8 +47,14 @@ from mmfm_jax.jobs.sample_gm import SOLVERS, gm_substeps, guide_scales, peek_mod
 from mmfm_jax.models import encoders
 from mmfm_jax.train.sampling import load_model, make_sample_fn, read_train_config, train_shift
 from mmfm_jax.utils import progress
+from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "sample.py:tiny"
+# what the samples depend on (workdir.py): another checkpoint, source or sampler setting stops a resumed run
+STAGE = Stage(keys=("seed", "model", "guide", "source", "sampler", "decoder", "num_samples", "output"),
+              inputs=("model.workdir", "model.path", "guide.workdir", "guide.path", "source.path", "decoder.weights",
+                      "decoder.stats"),
+              outputs=("samples", "samples*.npz", "grid*.png"))
 log = logging.getLogger("mmfm_jax")
 
 

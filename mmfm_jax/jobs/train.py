@@ -36,8 +36,14 @@ from mmfm_jax.train.sampling import model_config
 from mmfm_jax.train.state import param_count, state_initializer
 from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
 from mmfm_jax.utils import parse_compiler_options, progress
+from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "train.py:tiny"
+# what the checkpoints depend on (workdir.py); num_steps may grow on resume, threads/peak/XLA options are free
+STAGE = Stage(keys=("seed", "model", "data", "source", "train", "adaptive"),
+              ignore=("train.num_steps", "train.peak_tflops_per_device", "train.compiler_options", "data.num_threads",
+                      "data.prefetch", "source.shard_table"),
+              inputs=("data.path", "source.path"), outputs=("checkpoints", "checkpoints_corrupt"))
 log = logging.getLogger("mmfm_jax.train")
 _COMPILED: dict[Any, Any] = {}
 STORAGE_DTYPES = ("float32", "bfloat16")  # source.table_dtype, train.adam_mu_dtype

@@ -18,8 +18,9 @@ One ``jax.jit`` over the mesh with the state donated. For global batch ``G`` and
   N(mean_k, var_k) when the model sees k (``y_from='mode'``), else N(0, I) (the GMM-unconditional case is only
   valid with lambda = 1, where the source drops out: ``gmflow.validate_gm_source``). The adaptive statistics use
   the per-sample squared error of the GM mean velocity (the NLL can be negative);
-- a non-finite loss or gradient norm skips the update: params, EMA, optimizer and adaptive state are kept, the
-  step counter advances (the next batch is used next) and ``skipped`` / ``nonfinite_streak`` count it.
+- a non-finite loss or gradient norm, or a non-finite [CLS] under mode coupling, skips the update: params, EMA,
+  optimizer and adaptive state are kept, the step counter advances (the next batch is used next) and ``skipped`` /
+  ``nonfinite_streak`` count it.
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: opt
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if cfg.source_kind == "gmm_mode":  # a NaN/Inf [CLS] would couple to an arbitrary mode (argmax of NaN)
+            finite = finite & jnp.all(jnp.isfinite(batch["cls"]))
         n_opt = state.step - state.skipped
         updates, new_opt = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
