@@ -51,7 +51,7 @@ from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "sample.py:tiny"
 # what the samples depend on (workdir.py): another checkpoint, source or sampler setting stops a resumed run
-STAGE = Stage(keys=("seed", "model", "guide", "source", "sampler", "decoder", "num_samples", "output"),
+STAGE = Stage(keys=("seed", "model", "guide", "source", "sampler", "decoder", "encoder", "num_samples", "output"),
               inputs=("model.workdir", "model.path", "guide.workdir", "guide.path", "source.path", "decoder.weights",
                       "decoder.stats"),
               outputs=("samples", "samples*.npz", "grid*.png"))
