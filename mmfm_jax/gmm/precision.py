@@ -86,8 +86,10 @@ def prepare_e_weights(w: jax.Array, precision: Any) -> jax.Array:
 
 def e_step_gemm(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
     """``a [C, 2D] . w [K, 2D] -> [C, K]`` fp32; ``w`` from :func:`prepare_e_weights`."""
-    if precision != FUSED_BF16X3:
-        return lax.dot_general(a, w, DIMS_NT, precision=precision)
+    if precision != FUSED_BF16X3:  # as two D-deep GEMMs: XLA:CPU runs the 2D-deep one over a concatenation slower
+        d = a.shape[1] // 2
+        return (lax.dot_general(a[:, :d], w[:, :d], DIMS_NT, precision=precision)
+                + lax.dot_general(a[:, d:], w[:, d:], DIMS_NT, precision=precision))
     hi, lo = split_bf16(a)
     return _dot_f32(jnp.concatenate([hi, lo, hi], axis=1), w, DIMS_NT)
 
@@ -95,7 +97,9 @@ def e_step_gemm(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
 def m_step_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
     """``r [C, K] . a [C, 2D] -> [K, 2D]`` fp32 (contraction over the rows)."""
     if precision != FUSED_BF16X3:
-        return lax.dot_general(r, a, DIMS_TN, precision=precision)
+        d = a.shape[1] // 2
+        return jnp.concatenate([lax.dot_general(r, a[:, :d], DIMS_TN, precision=precision),
+                                lax.dot_general(r, a[:, d:], DIMS_TN, precision=precision)], axis=1)
     r_hi, r_lo = split_bf16(r)
     a_hi, a_lo = split_bf16(a)
     width = a.shape[1]
