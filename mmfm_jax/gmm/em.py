@@ -201,8 +201,8 @@ def fit(x: Any, n_components: int, *, dtype: str = "float32", **kwargs) -> tuple
     lets GPUs use TF32; ``bf16x3_fused`` (3-pass bf16 split as few large GEMMs, :mod:`mmfm_jax.gmm.precision`); a
     ``lax.DotAlgorithmPreset`` name, e.g. ``tf32_tf32_f32_x3``; or ``'E,M'`` / a pair for the E-step and M-step
     GEMMs separately. ``gemms``: the functions computing those GEMMs (default :data:`GEMMS`).
-    ``exact_top`` (default: on unless the E-step is ``highest``): recompute each row's two likely
-    winners directly, ``sum prec (x - mu)^2`` in fp32 (``precision.refine_top``); without it a low-precision E-step
+    ``exact_top`` (default: on for float64 or an E-step other than ``highest``): recompute each row's two likely
+    winners directly, ``sum prec (x - mu)^2`` (``precision.refine_top``); without it a low-precision E-step
     misreports the lower bound (by 50-140 nats per sample with one-pass TF32, ~1 with ``bf16x3_fused``; README).
     ``m_step_top`` > 0: sparse M-step (:mod:`mmfm_jax.gmm.sparse`): each row adds its ``m_step_top`` largest
     responsibilities (centred segment sums); a row whose others exceed ``m_step_tol`` gets them too, by a small dense
@@ -289,7 +289,7 @@ def _fit(
     init_seconds = time.perf_counter() - t0
     chunk = max(1, min(int(chunk_size), data.local_len))
     if exact_top is None:
-        exact_top = precs[0] != lax.Precision.HIGHEST
+        exact_top = dtype == "float64" or precs[0] != lax.Precision.HIGHEST
     step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, precs, bool(exact_top), m_top,
                        float(m_step_tol), dtype, GEMMS if gemms is None else tuple(gemms))
     shift, reg, nke = replicate((data.shift, np.float64(reg_covar), np.float64(nk_eps)), mesh, dtype)
