@@ -125,18 +125,14 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
                 logits = gp.refine_top(logits, xc, mu, prec, base, e_prec)
             rows = start + jnp.arange(chunk)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
-            mx = jnp.max(logits, axis=1, keepdims=True)
-            e = jnp.exp(logits - mx)  # the only exp pass over [C, K]
-            s = jnp.sum(e, axis=1)
-            lse = mx[:, 0] + jnp.log(s)
-            ll = jnp.sum(jnp.where(valid, lse, 0.0))
             kahan, dmax, counts = carry
             if not m_stats:
-                return (_kahan(kahan, (ll,)), dmax, counts), None
-            r = e * jnp.where(valid, 1.0 / s, 0.0)[:, None]
-            nk_c, s_c, drop, n_dense, n_fixed = sparse.chunk_stats(
-                r, a, m_top, m_tol, lambda r_, a_: m_gemm(r_, a_, m_prec), centres=mu)
-            new = (ll, nk_c, s_c)
+                mx = jnp.max(logits, axis=1, keepdims=True)
+                lse = mx[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - mx), axis=1))
+                return (_kahan(kahan, (jnp.sum(jnp.where(valid, lse, 0.0)),)), dmax, counts), None
+            lse, nk_c, s_c, drop, n_dense, n_fixed = sparse.chunk_stats(
+                logits, valid, a, m_top, m_tol, lambda r_, a_: m_gemm(r_, a_, m_prec), centres=mu)
+            new = (jnp.sum(jnp.where(valid, lse, 0.0)), nk_c, s_c)
             return (_kahan(kahan, new), jnp.maximum(dmax, drop), counts + jnp.stack([n_dense, n_fixed])), None
 
         zeros = (jnp.zeros((), dt),) + ((jnp.zeros((k,), dt), jnp.zeros((k, 2 * d), dt)) if m_stats else ())

@@ -49,18 +49,27 @@ def segment_stats(v: jax.Array, idx: jax.Array, a: jax.Array, centres: jax.Array
     return nk, s
 
 
-def _top_m(r: jax.Array, a: jax.Array, m: int, centres: jax.Array | None):
-    k = r.shape[1]
-    cols = jnp.arange(k)[None, :]
-    nk = jnp.zeros((k,), r.dtype)
-    s = jnp.zeros((k, a.shape[1]), r.dtype)
-    rest = r
+def _select(scores: jax.Array, m: int) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
+    """Each row's ``m`` largest entries of ``scores [C, K]`` (ties: the lower index first): ``(indices [C] each,
+    values [C] each, mask [C, K] of the entries not kept)``. Every pass masks from ``scores`` itself, so XLA fuses
+    it into one read of ``scores``."""
+    cols = jnp.arange(scores.shape[1])[None, :]
+    idx, val = [], []
+    rest = jnp.ones(scores.shape, bool)
     for _ in range(m):
-        idx, v = jnp.argmax(rest, axis=1), jnp.max(rest, axis=1)
-        nk_i, s_i = segment_stats(v, idx, a, centres, k)
+        masked = scores if not idx else jnp.where(rest, scores, -jnp.inf)
+        idx.append(jnp.argmax(masked, axis=1))
+        val.append(jnp.max(masked, axis=1))
+        rest = rest & (cols != idx[-1][:, None])
+    return idx, val, rest
+
+
+def _segments(v: list[jax.Array], idx: list[jax.Array], a: jax.Array, centres: jax.Array | None, k: int):
+    nk, s = 0.0, 0.0
+    for v_i, i in zip(v, idx):
+        nk_i, s_i = segment_stats(v_i, i, a, centres, k)
         nk, s = nk + nk_i, s + s_i
-        rest = jnp.where(cols == idx[:, None], 0.0, rest)  # responsibilities are >= 0: a taken entry reads as 0
-    return nk, s, jnp.sum(rest, axis=1), rest
+    return nk, s
 
 
 def top_m_stats(r: jax.Array, a: jax.Array, m: int,
@@ -72,52 +81,63 @@ def top_m_stats(r: jax.Array, a: jax.Array, m: int,
     c, k = r.shape
     if not 1 <= m < k:
         raise ValueError(f"m_step_top must be in [1, {k - 1}] for K = {k}, got {m}")
-    return _top_m(r, a, m, centres)
+    idx, val, keep_not = _select(r, m)
+    nk, s = _segments(val, idx, a, centres, k)
+    rest = jnp.where(keep_not, r, 0.0)
+    return nk, s, jnp.sum(rest, axis=1), rest
 
 
-def dense_stats(r: jax.Array, a: jax.Array, dense: Dense, centres: jax.Array | None = None) -> tuple[jax.Array, ...]:
-    """The dense M-step statistics in :func:`chunk_stats`' layout: ``(sum_rows r, S, 0, 1, 0)``; about the origin
-    (``S = dense(r, a)``) without ``centres``, else each row's largest entry by a centred segment sum and the rest
-    by ``dense``."""
-    one, zero = jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32)
-    if centres is None or r.shape[1] == 1:
-        s = dense(r, a)
-        return jnp.sum(r, 0), s if centres is None else centre(s, jnp.sum(r, 0), centres), \
-            jnp.zeros((), r.dtype), one, zero
-    nk, s, _, rest = _top_m(r, a, 1, centres)
-    return nk + jnp.sum(rest, 0), s + centre(dense(rest, a), jnp.sum(rest, 0), centres), jnp.zeros((), r.dtype), \
-        one, zero
-
-
-def chunk_stats(r: jax.Array, a: jax.Array, m: int, tol: float, dense: Dense,
+def chunk_stats(logits: jax.Array, valid: jax.Array, a: jax.Array, m: int, tol: float, dense: Dense,
                 centres: jax.Array | None = None) -> tuple[jax.Array, ...]:
-    """M-step statistics of one chunk: ``(N_k [K], S [K, 2D], largest left-out mass of a row, 1 if the chunk took
-    the GEMM over all rows else 0, rows completed by the small dense GEMM)``; ``S = sum r [(x - c)^2, x - c]``
-    about ``centres [K, D]`` (None: the origin, ``sum r a``). ``m = 0``: always dense (:func:`dense_stats`)."""
-    if m == 0:
-        return dense_stats(r, a, dense, centres)
-    c = r.shape[0]
-    nk, s, left, rest = top_m_stats(r, a, m, centres)
+    """Softmax and M-step statistics of one chunk from its log-joint densities ``logits [C, K]`` (rows with
+    ``valid [C]`` False count nothing): ``(log-likelihood per row [C], N_k [K], S [K, 2D], largest left-out mass of
+    a row, 1 if the chunk took the GEMM over all rows else 0, rows completed by the small dense GEMM)``;
+    ``S = sum r [(x - c)^2, x - c]`` about ``centres [K, D]`` (None: the origin, ``sum r a``). ``m = 0``: dense
+    (each row's largest entry by a segment sum, all others by ``dense``); ``m > 0``: sparse (module docstring).
+
+    One exp pass over ``[C, K]``: the kept entries are selected on the logits, and the responsibilities not kept
+    are summed in the same pass (their mass, without ``1 - kept`` cancellation); the ``[C, K]`` responsibilities
+    are only formed where a GEMM needs them."""
+    c, k = logits.shape
+    if not 0 <= m < k and k > 1:
+        raise ValueError(f"m_step_top must be in [0, {k - 1}] for K = {k}, got {m}")
+    idx, val, keep_not = _select(logits, max(1, min(m, k - 1)) if k > 1 else 1)
+    mx = val[0]
+    e = jnp.exp(logits - mx[:, None])  # the only exp pass over [C, K]
+    s_rest = jnp.sum(jnp.where(keep_not, e, 0.0), axis=1)
+    e_kept = [jnp.exp(v - mx) for v in val]  # the first is 1
+    inv = jnp.where(valid, 1.0 / (sum(e_kept) + s_rest), 0.0)
+    lse = mx + jnp.log(sum(e_kept) + s_rest)
+    nk, s = _segments([ek * inv for ek in e_kept], idx, a, centres, k)
+    zero_i = jnp.zeros((), jnp.int32)
+
+    def add_rest(rows_logits, rows_mx, rows_inv, rows_keep_not, rows_a):
+        rest = jnp.where(rows_keep_not, jnp.exp(rows_logits - rows_mx[:, None]), 0.0) * rows_inv[:, None]
+        g, rsum = dense(rest, rows_a), jnp.sum(rest, 0)
+        return nk + rsum, s + (g if centres is None else centre(g, rsum, centres))
+
+    if m == 0 or k == 1:
+        nk_d, s_d = add_rest(logits, mx, inv, keep_not, a)
+        return lse, nk_d, s_d, jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
+    left = s_rest * inv
     fuzzy = left > tol
     n_fuzzy = jnp.sum(fuzzy.astype(jnp.int32))
     cap = max(1, c // 16)
-    zero_i = jnp.zeros((), jnp.int32)
-
-    def add_rest(rest_, a_):
-        g, rsum = dense(rest_, a_), jnp.sum(rest_, 0)
-        return nk + rsum, s + (g if centres is None else centre(g, rsum, centres))
 
     def sparse_only(_):
         return nk, s, jnp.max(left), zero_i, zero_i
 
     def completed(_):  # add the left-out entries of the (at most cap) fuzzy rows: those rows become exact
         rows = jnp.nonzero(fuzzy, size=cap, fill_value=c)[0]
-        rest_f = jnp.take(rest, rows, axis=0, mode="fill", fill_value=0.0)
-        a_f = jnp.take(a, rows, axis=0, mode="fill", fill_value=0.0)
-        return *add_rest(rest_f, a_f), jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy
+
+        def take(v, fill):
+            return jnp.take(v, rows, axis=0, mode="fill", fill_value=fill)
+
+        return (*add_rest(take(logits, -jnp.inf), take(mx, 0.0), take(inv, 0.0), take(keep_not, False),
+                          take(a, 0.0)), jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy)
 
     def full_dense(_):
-        return *add_rest(rest, a), jnp.zeros((), r.dtype), jnp.ones((), jnp.int32), zero_i
+        return *add_rest(logits, mx, inv, keep_not, a), jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
 
     branch = jnp.where(n_fuzzy == 0, 0, jnp.where(n_fuzzy <= cap, 1, 2))
-    return lax.switch(branch, (sparse_only, completed, full_dense), None)
+    return (lse, *lax.switch(branch, (sparse_only, completed, full_dense), None))
