@@ -37,6 +37,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", default="highest",
                    help="highest | high | default | bf16x3_fused | a lax.DotAlgorithmPreset name (e.g. "
                         "tf32_tf32_f32_x3 on GPUs); 'E,M' for the E-step and M-step GEMMs separately")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="em.fit's dtype (float64: EM in float64; needs --precision=highest; the GEMM floor stays fp32)")
     p.add_argument("--scale", default="small", choices=("small", "imagenet"))
     p.add_argument("--sklearn", dest="sklearn", action="store_true", default=None)
     p.add_argument("--no-sklearn", dest="sklearn", action="store_false")
@@ -159,13 +161,18 @@ def split_seconds(data, g, k: int, a, exact_top: bool, pairs: int = 3) -> dict:
     from mmfm_jax.gmm import em
 
     it, e, gemm, ratio = [], [], [], []
+    data64 = None
+    if a.dtype == "float64":
+        with em.x64_scope("float64"):
+            data64 = em.as_dtype(data, "float64")
     chunk = min(a.chunk, data.local_len)
     for _ in range(pairs):
         _, inf = em.fit(data, k, init=g, max_iter=1, tol=0.0, chunk_size=a.chunk, precision=a.precision,
-                        exact_top=exact_top, m_step_top=a.m_step_top)
+                        exact_top=exact_top, m_step_top=a.m_step_top, dtype=a.dtype)
         it.append(inf["history"][0]["seconds"])
         t = time.perf_counter()
-        em.score(data, g, chunk_size=a.chunk, precision=a.precision, exact_top=exact_top)
+        em.score(data if a.dtype == "float32" else data64, g, chunk_size=a.chunk, precision=a.precision,
+                 exact_top=exact_top)
         e.append(time.perf_counter() - t)
         gemm.append(e_gemm_seconds(data, k, chunk, a.precision))
         ratio.append(it[-1] / gemm[-1])
@@ -256,7 +263,8 @@ def main(argv: list[str]) -> None:
     n_dev = int(mesh.devices.size)
     dev = jax.devices()[0]
     print(f"# GMM EM bench: backend={backend} ({dev.device_kind}) devices={n_dev} cpu_count={os.cpu_count()} "
-          f"N={n} D={d} K={k} iters={a.iters} chunk={a.chunk} precision={a.precision} m_step_top={a.m_step_top}",
+          f"N={n} D={d} K={k} iters={a.iters} chunk={a.chunk} precision={a.precision} m_step_top={a.m_step_top} "
+          f"dtype={a.dtype}",
           flush=True)
     t = time.perf_counter()
     x = make_data(n, d, a.seed)
@@ -268,12 +276,14 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready(data.x)
     t_put = time.perf_counter() - t
     g, info = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
-                     precision=a.precision, exact_top=_exact_top(a), m_step_top=a.m_step_top)
+                     precision=a.precision, exact_top=_exact_top(a), m_step_top=a.m_step_top, dtype=a.dtype)
     ours_secs = [h["seconds"] for h in info["history"]]
     ours = statistics.median(ours_secs[1:])
     ours_lbs = [h["lower_bound"] for h in info["history"]]
     held = em.shard_samples(make_data(max(1024, min(n // 4, 65536)), d, a.seed, stream=1), mesh)
-    held_ll = em.score(held, g, chunk_size=a.chunk)
+    g32 = g if a.dtype == "float32" else diag.DiagGMM(*(np.asarray(t, np.float32) for t in (g.weights, g.means,
+                                                                                              g.variances)))
+    held_ll = em.score(held, g32, chunk_size=a.chunk)
 
     steps = step_precisions(a.precision)
     rates = {q: matmul_rate(mesh, min(a.chunk, data.local_len), d, k, q) for q in dict.fromkeys(steps)}

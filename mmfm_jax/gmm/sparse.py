@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmfm_jax.gmm.mstep import centre
+from mmfm_jax.gmm.precision import row_max_argmax
 
 Dense = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -38,30 +39,35 @@ def segment_stats(v: jax.Array, idx: jax.Array, a: jax.Array, centres: jax.Array
     ``(sum_{idx_n = k} v_n [K], sum_{idx_n = k} v_n [(x_n - c_k)^2, x_n - c_k] [K, 2D])``; ``centres=None``:
     ``sum_{idx_n = k} v_n a_n`` for any ``a [C, F]``."""
     c, f = a.shape
-    if centres is None:
-        upd = a
-    else:
-        y = a[:, f // 2:] - lax.optimization_barrier(centres.at[idx].get(mode="promise_in_bounds"))
-        upd = jnp.stack([y * y, y], axis=1).reshape(c, f)  # stacked, not concatenated: XLA:CPU is faster so
-    upd = lax.optimization_barrier(v[:, None] * upd)
-    s = jnp.zeros((k, f), a.dtype).at[idx].add(upd, mode="promise_in_bounds")
     nk = jnp.zeros((k,), v.dtype).at[idx].add(v, mode="promise_in_bounds")
-    return nk, s
+    if centres is None:
+        upd = lax.optimization_barrier(v[:, None] * a)
+        return nk, jnp.zeros((k, f), a.dtype).at[idx].add(upd, mode="promise_in_bounds")
+    y = a[:, f // 2:] - lax.optimization_barrier(centres.at[idx].get(mode="promise_in_bounds"))
+    # [C, 2, D] stacked (not concatenated to [C, 2D]): the layout XLA:CPU updates and scatters at memory speed
+    upd = lax.optimization_barrier(v[:, None, None] * jnp.stack([y * y, y], axis=1))
+    s = jnp.zeros((k, 2, f // 2), a.dtype).at[idx].add(upd, mode="promise_in_bounds")
+    return nk, s.reshape(k, f)
 
 
-def _select(scores: jax.Array, m: int) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
+def _not_kept(k: int, idx: list[jax.Array]) -> jax.Array:
+    """``[C, K]`` mask of the entries not in ``idx`` (a fused expression: only build it where it is consumed)."""
+    cols = jnp.arange(k)[None, :]
+    out = cols != idx[0][:, None]
+    for i in idx[1:]:
+        out = out & (cols != i[:, None])
+    return out
+
+
+def _select(scores: jax.Array, m: int) -> tuple[list[jax.Array], list[jax.Array]]:
     """Each row's ``m`` largest entries of ``scores [C, K]`` (ties: the lower index first): ``(indices [C] each,
-    values [C] each, mask [C, K] of the entries not kept)``. Every pass masks from ``scores`` itself, so XLA fuses
-    it into one read of ``scores``."""
-    cols = jnp.arange(scores.shape[1])[None, :]
+    values [C] each)``. Every pass masks ``scores`` itself, so XLA fuses it into one read of ``scores``."""
     idx, val = [], []
-    rest = jnp.ones(scores.shape, bool)
     for _ in range(m):
-        masked = scores if not idx else jnp.where(rest, scores, -jnp.inf)
-        idx.append(jnp.argmax(masked, axis=1))
-        val.append(jnp.max(masked, axis=1))
-        rest = rest & (cols != idx[-1][:, None])
-    return idx, val, rest
+        v, i = row_max_argmax(scores if not idx else jnp.where(_not_kept(scores.shape[1], idx), scores, -jnp.inf))
+        idx.append(i)
+        val.append(v)
+    return idx, val
 
 
 def _segments(v: list[jax.Array], idx: list[jax.Array], a: jax.Array, centres: jax.Array | None, k: int):
@@ -81,9 +87,9 @@ def top_m_stats(r: jax.Array, a: jax.Array, m: int,
     c, k = r.shape
     if not 1 <= m < k:
         raise ValueError(f"m_step_top must be in [1, {k - 1}] for K = {k}, got {m}")
-    idx, val, keep_not = _select(r, m)
+    idx, val = _select(r, m)
     nk, s = _segments(val, idx, a, centres, k)
-    rest = jnp.where(keep_not, r, 0.0)
+    rest = jnp.where(_not_kept(k, idx), r, 0.0)
     return nk, s, jnp.sum(rest, axis=1), rest
 
 
@@ -101,43 +107,47 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, a: jax.Array, m: int, tol: 
     c, k = logits.shape
     if not 0 <= m < k and k > 1:
         raise ValueError(f"m_step_top must be in [0, {k - 1}] for K = {k}, got {m}")
-    idx, val, keep_not = _select(logits, max(1, min(m, k - 1)) if k > 1 else 1)
+    idx, val = _select(logits, max(1, min(m, k - 1)) if k > 1 else 1)
     mx = val[0]
-    e = jnp.exp(logits - mx[:, None])  # the only exp pass over [C, K]
-    s_rest = jnp.sum(jnp.where(keep_not, e, 0.0), axis=1)
     e_kept = [jnp.exp(v - mx) for v in val]  # the first is 1
+    # the only exp pass over [C, K]: the mass not kept, summed directly
+    s_rest = jnp.sum(jnp.where(_not_kept(k, idx), jnp.exp(logits - mx[:, None]), 0.0), axis=1)
     inv = jnp.where(valid, 1.0 / (sum(e_kept) + s_rest), 0.0)
     lse = mx + jnp.log(sum(e_kept) + s_rest)
     nk, s = _segments([ek * inv for ek in e_kept], idx, a, centres, k)
     zero_i = jnp.zeros((), jnp.int32)
 
-    def add_rest(rows_logits, rows_mx, rows_inv, rows_keep_not, rows_a):
-        rest = jnp.where(rows_keep_not, jnp.exp(rows_logits - rows_mx[:, None]), 0.0) * rows_inv[:, None]
-        g, rsum = dense(rest, rows_a), jnp.sum(rest, 0)
+    # The branches below get only raw inputs and rebuild every [C, K] operand inside: a mask or responsibilities
+    # handed in would be materialised before the branch, for every chunk (XLA:CPU: 5x the sparse chunk's cost).
+    def add_rest(ops):
+        logits_, mx_, inv_, idx_, a_ = ops
+        rest = jnp.where(_not_kept(k, idx_), jnp.exp(logits_ - mx_[:, None]), 0.0) * inv_[:, None]
+        g, rsum = dense(rest, a_), jnp.sum(rest, 0)
         return nk + rsum, s + (g if centres is None else centre(g, rsum, centres))
 
+    ops = (logits, mx, inv, idx, a)
     if m == 0 or k == 1:
-        nk_d, s_d = add_rest(logits, mx, inv, keep_not, a)
-        return lse, nk_d, s_d, jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
+        return (lse, *add_rest(ops), jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i)
     left = s_rest * inv
     fuzzy = left > tol
     n_fuzzy = jnp.sum(fuzzy.astype(jnp.int32))
     cap = max(1, c // 16)
 
-    def sparse_only(_):
+    def sparse_only(ops_):
         return nk, s, jnp.max(left), zero_i, zero_i
 
-    def completed(_):  # add the left-out entries of the (at most cap) fuzzy rows: those rows become exact
+    def completed(ops_):  # add the left-out entries of the (at most cap) fuzzy rows: those rows become exact
         rows = jnp.nonzero(fuzzy, size=cap, fill_value=c)[0]
 
         def take(v, fill):
             return jnp.take(v, rows, axis=0, mode="fill", fill_value=fill)
 
-        return (*add_rest(take(logits, -jnp.inf), take(mx, 0.0), take(inv, 0.0), take(keep_not, False),
-                          take(a, 0.0)), jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy)
+        logits_, mx_, inv_, idx_, a_ = ops_
+        sub = (take(logits_, -jnp.inf), take(mx_, 0.0), take(inv_, 0.0), [take(i, 0) for i in idx_], take(a_, 0.0))
+        return *add_rest(sub), jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy
 
-    def full_dense(_):
-        return *add_rest(logits, mx, inv, keep_not, a), jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
+    def full_dense(ops_):
+        return *add_rest(ops_), jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
 
     branch = jnp.where(n_fuzzy == 0, 0, jnp.where(n_fuzzy <= cap, 1, 2))
-    return (lse, *lax.switch(branch, (sparse_only, completed, full_dense), None))
+    return (lse, *lax.switch(branch, (sparse_only, completed, full_dense), ops))
