@@ -119,11 +119,11 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, a: jax.Array, m: int, tol: 
 
     # The branches below get only raw inputs and rebuild every [C, K] operand inside: a mask or responsibilities
     # handed in would be materialised before the branch, for every chunk (XLA:CPU: 5x the sparse chunk's cost).
-    def add_rest(ops):
+    def add_rest(ops, nk_=nk, s_=s):
         logits_, mx_, inv_, idx_, a_ = ops
         rest = jnp.where(_not_kept(k, idx_), jnp.exp(logits_ - mx_[:, None]), 0.0) * inv_[:, None]
         g, rsum = dense(rest, a_), jnp.sum(rest, 0)
-        return nk + rsum, s + (g if centres is None else centre(g, rsum, centres))
+        return nk_ + rsum, s_ + (g if centres is None else centre(g, rsum, centres))
 
     ops = (logits, mx, inv, idx, a)
     if m == 0 or k == 1:
@@ -146,8 +146,21 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, a: jax.Array, m: int, tol: 
         sub = (take(logits_, -jnp.inf), take(mx_, 0.0), take(inv_, 0.0), [take(i, 0) for i in idx_], take(a_, 0.0))
         return *add_rest(sub), jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy
 
-    def full_dense(ops_):
-        return *add_rest(ops_), jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
+    def full_dense(ops_):  # block by block: a [C, K] GEMM inside a branch costs XLA:CPU ~2x a sparse chunk even
+        # when the branch is not taken; blocks of `cap` rows, as `completed`, do not
+        logits_, mx_, inv_, idx_, a_ = ops_
+
+        def block(j, acc):
+            start = jnp.minimum(j * cap, c - cap)  # the last block overlaps the one before: rows seen get inv 0
+
+            def sl(v):
+                return lax.dynamic_slice_in_dim(v, start, cap, 0)
+
+            inv_b = jnp.where(start + jnp.arange(cap) >= j * cap, sl(inv_), 0.0)
+            return add_rest((sl(logits_), sl(mx_), inv_b, [sl(i) for i in idx_], sl(a_)), *acc)
+
+        nk_f, s_f = lax.fori_loop(0, -(-c // cap), block, (nk, s))
+        return nk_f, s_f, jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
 
     branch = jnp.where(n_fuzzy == 0, 0, jnp.where(n_fuzzy <= cap, 1, 2))
     return (lse, *lax.switch(branch, (sparse_only, completed, full_dense), ops))
