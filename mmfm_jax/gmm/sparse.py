@@ -4,9 +4,9 @@ Every row's largest responsibility (and, with ``em.fit(m_step_top=m)``, its ``m`
 sum*: ``upd_n = r_n [(x_n - c_j)^2, x_n - c_j]`` summed into row ``j = argmax_k r_nk`` of a ``[K, 2D]`` table,
 centred on the component's reference point ``c_j`` (EM: the means entering the iteration). Centred before
 squaring, so a tight component far from the data mean keeps its digits (:mod:`mmfm_jax.gmm.mstep`). It is memory
-work: a row gather of ``c``, one ``[C, 2, D]`` update and a scatter-add. On XLA:CPU each of the three is
-materialised on its own (``optimization_barrier``): fused, XLA:CPU evaluates the gather per element inside the
-update and the update per element inside the scatter, about 10x slower than the three passes at memory speed.
+work: a row gather of ``c``, one ``[C, 2, D]`` update and a scatter-add (the update stacked, not concatenated to
+``[C, 2D]``: XLA:CPU runs the concatenated form several times slower). Rows are selected by
+:func:`mmfm_jax.gmm.precision.row_max_argmax` (XLA:CPU's own ``argmax`` is ~30x slower than a max pass).
 
 The responsibilities not kept that way go through the GEMM ``r^T [x^2, x]`` about the origin (shifted frame) and are
 re-centred algebraically (:func:`mmfm_jax.gmm.mstep.centre`); their rounding scales with their small mass. With
@@ -15,8 +15,8 @@ posterior over 8192 components is nearly one-hot once EM settles, so the dense G
 FLOP) mostly multiplies zeros. The mass a row leaves out is summed directly from the entries not kept (no
 ``1 - kept`` cancellation). A row that would leave out more than ``tol`` gets the rest of its responsibilities by
 a small dense GEMM over such rows only (up to ``C // 16`` of them per chunk; a chunk with more takes the GEMM over
-all rows, ``lax.switch``). So every row's statistics are either exact or miss at most ``tol`` of its unit mass:
-early, fuzzy iterations run dense, settled ones sparse, with no state to carry.
+all rows, in blocks of ``C // 16`` rows; ``lax.switch``). So every row's statistics are either exact or miss at
+most ``tol`` of its unit mass: early, fuzzy iterations run dense, settled ones sparse, with no state to carry.
 """
 
 from __future__ import annotations
@@ -41,11 +41,10 @@ def segment_stats(v: jax.Array, idx: jax.Array, a: jax.Array, centres: jax.Array
     c, f = a.shape
     nk = jnp.zeros((k,), v.dtype).at[idx].add(v, mode="promise_in_bounds")
     if centres is None:
-        upd = lax.optimization_barrier(v[:, None] * a)
-        return nk, jnp.zeros((k, f), a.dtype).at[idx].add(upd, mode="promise_in_bounds")
-    y = a[:, f // 2:] - lax.optimization_barrier(centres.at[idx].get(mode="promise_in_bounds"))
+        return nk, jnp.zeros((k, f), a.dtype).at[idx].add(v[:, None] * a, mode="promise_in_bounds")
+    y = a[:, f // 2:] - centres.at[idx].get(mode="promise_in_bounds")
     # [C, 2, D] stacked (not concatenated to [C, 2D]): the layout XLA:CPU updates and scatters at memory speed
-    upd = lax.optimization_barrier(v[:, None, None] * jnp.stack([y * y, y], axis=1))
+    upd = v[:, None, None] * jnp.stack([y * y, y], axis=1)
     s = jnp.zeros((k, 2, f // 2), a.dtype).at[idx].add(upd, mode="promise_in_bounds")
     return nk, s.reshape(k, f)
 
