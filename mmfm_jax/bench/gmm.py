@@ -7,7 +7,9 @@
   exactly its ``fit`` loop body), the ratio, the lower bounds after ``iters`` iterations and their difference, and
   our share of the matmul floor. Floor: one EM iteration needs at least two fused GEMMs, ``[x^2, x] @ [prec;
   -2 mu prec]`` and ``r^T @ [x^2, x]`` = 4 N D K multiply-adds = 8 N D K FLOP; the fp32 rate is measured on the same
-  devices with a jitted (sharded) matmul of the E-step's chunk shape; floor seconds = 8 N D K / rate.
+  devices with a jitted (sharded) matmul of the E-step's chunk shape; floor seconds = 8 N D K / rate. Then E-step
+  and M-step seconds separately and the ratio of an iteration to the E-step GEMMs alone (``4 N D K``), from rounds
+  that alternate the three (:func:`split_seconds`). ``--dtype=float64``: our fits in float64.
 ``--scale=imagenet``: K = 8192, D = 768; times ``iters`` iterations at a sampled N (``--n``, default 8192 on CPU,
   131072 on an accelerator) and extrapolates linearly to N = 1,281,167 (sklearn skipped unless ``--sklearn``).
 Runs on the default backend's devices (``--devices`` only sets the number of CPU devices).
