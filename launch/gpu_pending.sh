@@ -2,7 +2,8 @@
 # The GPU measurements issues #3 and #4 still owe, as one script for the next session that has an H100.
 #   launch/gpu_pending.sh train   # about 9 min: XL mode-conditional bf16 train step (+ a profile by kernel kind),
 #                                 # the memory-saving options, batch 128-256
-#   launch/gpu_pending.sh gmm     # about 8 min: full-scale EM, sparse M-step / bf16x3_fused / TF32 vs fp32, chunks
+#   launch/gpu_pending.sh gmm     # about 9.5 min: full-scale EM, sparse M-step / bf16x3_fused / TF32 vs fp32,
+#                                 # chunks, E-step / M-step seconds, the float64 path
 # Each part fits one 10-minute call; every line it prints is a figure to record in the README.
 # Needs the package importable (pip install -e . or PYTHONPATH=$PWD); writes only stdout and a profile in /tmp.
 set -u
@@ -29,15 +30,16 @@ case "$part" in
   gmm)
     G=(python -m mmfm_jax.bench gmm --scale imagenet --n 262144 --no-sklearn --iters 4)
     P="median\)|lower bound|held-out|compare|vs  |ImageNet scale|rror"
-    P="$P|left-out|seconds per iteration"
+    P="$P|left-out|seconds per iteration|E-step|iteration /"
     # sparse M-step (no M-step GEMM once EM settles; exact_top on with a TF32 E-step): the likeliest <= 0.5 s/iter
-    run 100 "$P" 12 "${G[@]}" --precision=tf32_tf32_f32,highest --m-step-top=2 --iters 8 --compare=highest
-    run 80 "$P" 6 "${G[@]}" --precision=bf16x3_fused --m-step-top=2 --iters 8
-    run 90 "$P" 9 "${G[@]}" --precision=bf16x3_fused --compare=highest   # dense 3-pass bf16: <= 0.5 s/iter?
-    run 75 "$P" 6 "${G[@]}" --precision=tf32_tf32_f32,bf16x3_fused  # TF32 E + 3-pass bf16 M
+    run 100 "$P" 15 "${G[@]}" --precision=tf32_tf32_f32,highest --m-step-top=2 --iters 8 --compare=highest
+    run 80 "$P" 9 "${G[@]}" --precision=bf16x3_fused --m-step-top=2 --iters 8
+    run 90 "$P" 12 "${G[@]}" --precision=bf16x3_fused --compare=highest   # dense 3-pass bf16: <= 0.5 s/iter?
+    run 75 "$P" 9 "${G[@]}" --precision=tf32_tf32_f32,bf16x3_fused  # TF32 E + 3-pass bf16 M
     for c in 2048 8192; do
-      run 70 "$P" 6 "${G[@]}" --precision=tf32_tf32_f32,highest --m-step-top=2 --iters 8 --chunk=$c
+      run 70 "$P" 9 "${G[@]}" --precision=tf32_tf32_f32,highest --m-step-top=2 --iters 8 --chunk=$c
     done
+    run 80 "$P" 9 "${G[@]}" --dtype=float64 --n 65536 --iters 3   # the float64 path (FP64 GEMMs)
     ;;
   *)
     echo "usage: launch/gpu_pending.sh train|gmm" >&2

@@ -9,6 +9,7 @@ GMM and an EM state with Orbax (collectively), resumes, fits with the sparse M-s
 import numpy as np
 
 N, D, K, SEED, MAX_ITER, CHUNK = 1003, 8, 6, 3, 20, 37
+SPARSE_TOP = 2  # m_step_top: with it this problem has dense chunks, completed rows and sparse-only chunks
 
 
 def make_data() -> np.ndarray:
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> None:
     g3, info3 = em.fit(x, K, mesh=mesh, max_iter=MAX_ITER, chunk_size=CHUNK, state=st)
     res.update(resumed_m=g3.means, resumed_n_iter=info3["n_iter"])
     # the sparse M-step: its per-chunk choices and collectives across processes
-    g4, info4 = em.fit(x, K, mesh=mesh, seed=SEED, max_iter=MAX_ITER, chunk_size=CHUNK, m_step_top=1)
+    g4, info4 = em.fit(x, K, mesh=mesh, seed=SEED, max_iter=MAX_ITER, chunk_size=CHUNK, m_step_top=SPARSE_TOP)
     res.update(sparse_m=g4.means, sparse_dropped=info4["m_step_dropped"],
                sparse_counts=[(h["m_step_dense_chunks"], h["m_step_completed_rows"]) for h in info4["history"]])
     res = {k: np.asarray(v) for k, v in res.items()}

@@ -37,7 +37,8 @@ def test_two_processes_equal_one_process(tmp_path):
     assert int(r["resumed_n_iter"]) == info["n_iter"]
     _close(r["resumed_m"], g.means)
     # sparse M-step: the same per-chunk choices, left-out mass and result as one process
-    g4, info4 = em.fit(x, w.K, mesh=mesh, seed=w.SEED, max_iter=w.MAX_ITER, chunk_size=w.CHUNK, m_step_top=1)
+    g4, info4 = em.fit(x, w.K, mesh=mesh, seed=w.SEED, max_iter=w.MAX_ITER, chunk_size=w.CHUNK,
+                        m_step_top=w.SPARSE_TOP)
     counts = [(h["m_step_dense_chunks"], h["m_step_completed_rows"]) for h in info4["history"]]
     np.testing.assert_array_equal(r["sparse_counts"], counts)
     assert sum(c for _, c in counts) > 0 and float(r["sparse_dropped"]) == pytest.approx(info4["m_step_dropped"])

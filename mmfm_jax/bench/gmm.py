@@ -7,7 +7,9 @@
   exactly its ``fit`` loop body), the ratio, the lower bounds after ``iters`` iterations and their difference, and
   our share of the matmul floor. Floor: one EM iteration needs at least two fused GEMMs, ``[x^2, x] @ [prec;
   -2 mu prec]`` and ``r^T @ [x^2, x]`` = 4 N D K multiply-adds = 8 N D K FLOP; the fp32 rate is measured on the same
-  devices with a jitted (sharded) matmul of the E-step's chunk shape; floor seconds = 8 N D K / rate.
+  devices with a jitted (sharded) matmul of the E-step's chunk shape; floor seconds = 8 N D K / rate. Then E-step
+  and M-step seconds separately and the ratio of an iteration to the E-step GEMMs alone (``4 N D K``), from rounds
+  that alternate the three (:func:`split_seconds`). ``--dtype=float64``: our fits in float64.
 ``--scale=imagenet``: K = 8192, D = 768; times ``iters`` iterations at a sampled N (``--n``, default 8192 on CPU,
   131072 on an accelerator) and extrapolates linearly to N = 1,281,167 (sklearn skipped unless ``--sklearn``).
 Runs on the default backend's devices (``--devices`` only sets the number of CPU devices).
@@ -16,6 +18,7 @@ Runs on the default backend's devices (``--devices`` only sets the number of CPU
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -36,6 +39,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", default="highest",
                    help="highest | high | default | bf16x3_fused | a lax.DotAlgorithmPreset name (e.g. "
                         "tf32_tf32_f32_x3 on GPUs); 'E,M' for the E-step and M-step GEMMs separately")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="em.fit's dtype (float64: EM in float64; needs --precision=highest; the GEMM floor stays fp32)")
     p.add_argument("--scale", default="small", choices=("small", "imagenet"))
     p.add_argument("--sklearn", dest="sklearn", action="store_true", default=None)
     p.add_argument("--no-sklearn", dest="sklearn", action="store_false")
@@ -108,6 +113,74 @@ def matmul_rate(mesh, chunk: int, d: int, k: int, precision: object, reps: int =
         f(a, w).block_until_ready()
         ts.append(time.perf_counter() - t)
     return 2.0 * n_dev * chunk * 2 * d * k / min(ts)
+
+
+def e_gemm_seconds(data, k: int, chunk: int, precision: object, reps: int = 1) -> float:
+    """Seconds (best of ``reps``) of one iteration's E-step GEMMs alone: the chunk loop over all N rows, as EM
+    runs it, with nothing else in it (its outputs are only summed)."""
+    import jax.numpy as jnp
+
+    from mmfm_jax.gmm import em
+    from mmfm_jax.gmm import precision as gp
+
+    prec = gp.step_precisions(precision)[0]
+    w = em.replicate(gp.prepare_e_weights(jnp.ones((k, 2 * data.dim), jnp.float32) / data.dim, prec), data.mesh)
+    f = _gemm_loop(data.mesh, data.spec, data.local_len, chunk, prec)
+    f(data.x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(data.x, w).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=8)
+def _gemm_loop(mesh, spec, local_len: int, chunk: int, prec):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.sharding import PartitionSpec
+
+    from mmfm_jax.gmm import precision as gp
+
+    def local(xl, w):
+        def body(acc, i):
+            xc = lax.dynamic_slice_in_dim(xl, jnp.minimum(i * chunk, local_len - chunk), chunk, 0)
+            xc = xc.astype(jnp.float32)
+            return acc + jnp.sum(gp.e_step_gemm(jnp.concatenate([xc * xc, xc], axis=1), w, prec)), None
+
+        return lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(-(-local_len // chunk)))[0][None]
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=PartitionSpec(spec[0]),
+                                 check_vma=False))
+
+
+def split_seconds(data, g, k: int, a, exact_top: bool, pairs: int = 3) -> dict:
+    """One EM iteration, the E-step alone (``em.score``: GEMM, exp pass, log-likelihood) and the E-step GEMMs alone,
+    alternated ``pairs`` times from the fitted ``g`` (so a changing machine load hits all three alike): medians of
+    each and of the per-round ratio iteration / E-step GEMMs."""
+    from mmfm_jax.gmm import em
+
+    it, e, gemm, ratio = [], [], [], []
+    data64 = None
+    if a.dtype == "float64":
+        with em.x64_scope("float64"):
+            data64 = em.as_dtype(data, "float64")
+    chunk = min(a.chunk, data.local_len)
+    for _ in range(pairs):
+        _, inf = em.fit(data, k, init=g, max_iter=1, tol=0.0, chunk_size=a.chunk, precision=a.precision,
+                        exact_top=exact_top, m_step_top=a.m_step_top, dtype=a.dtype)
+        it.append(inf["history"][0]["seconds"])
+        t = time.perf_counter()
+        em.score(data if a.dtype == "float32" else data64, g, chunk_size=a.chunk, precision=a.precision,
+                 exact_top=exact_top)
+        e.append(time.perf_counter() - t)
+        gemm.append(e_gemm_seconds(data, k, chunk, a.precision))
+        ratio.append(it[-1] / gemm[-1])
+    med = statistics.median
+    return dict(iteration=med(it), e_step=med(e), m_step=med([x - y for x, y in zip(it, e)]), e_gemm=med(gemm),
+                ratio=med(ratio))
 
 
 def exact_loglik(x: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray, block: int = 8192) -> float:
@@ -192,7 +265,8 @@ def main(argv: list[str]) -> None:
     n_dev = int(mesh.devices.size)
     dev = jax.devices()[0]
     print(f"# GMM EM bench: backend={backend} ({dev.device_kind}) devices={n_dev} cpu_count={os.cpu_count()} "
-          f"N={n} D={d} K={k} iters={a.iters} chunk={a.chunk} precision={a.precision} m_step_top={a.m_step_top}",
+          f"N={n} D={d} K={k} iters={a.iters} chunk={a.chunk} precision={a.precision} m_step_top={a.m_step_top} "
+          f"dtype={a.dtype}",
           flush=True)
     t = time.perf_counter()
     x = make_data(n, d, a.seed)
@@ -204,12 +278,14 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready(data.x)
     t_put = time.perf_counter() - t
     g, info = em.fit(data, k, init=diag.DiagGMM(*init), max_iter=a.iters, tol=0.0, chunk_size=a.chunk,
-                     precision=a.precision, exact_top=_exact_top(a), m_step_top=a.m_step_top)
+                     precision=a.precision, exact_top=_exact_top(a), m_step_top=a.m_step_top, dtype=a.dtype)
     ours_secs = [h["seconds"] for h in info["history"]]
     ours = statistics.median(ours_secs[1:])
     ours_lbs = [h["lower_bound"] for h in info["history"]]
     held = em.shard_samples(make_data(max(1024, min(n // 4, 65536)), d, a.seed, stream=1), mesh)
-    held_ll = em.score(held, g, chunk_size=a.chunk)
+    g32 = g if a.dtype == "float32" else diag.DiagGMM(*(np.asarray(t, np.float32) for t in (g.weights, g.means,
+                                                                                              g.variances)))
+    held_ll = em.score(held, g32, chunk_size=a.chunk)
 
     steps = step_precisions(a.precision)
     rates = {q: matmul_rate(mesh, min(a.chunk, data.local_len), d, k, q) for q in dict.fromkeys(steps)}
@@ -254,6 +330,15 @@ def main(argv: list[str]) -> None:
             e_sk = exact_loglik(x, *sk_params)
             print(f"exact (float64) mean log-lik of the final parameters: ours {e_ours:.6f}, sklearn {e_sk:.6f}, "
                   f"|difference| {abs(e_ours - e_sk):.2e}")
+    sp = split_seconds(data, g, k, a, info["exact_top"])
+    e_floor = flop / 2 / rates[steps[0]]
+    print(f"E-step / M-step seconds:            {sp['e_step']:.4f} / {sp['m_step']:.4f}   (iteration "
+          f"{sp['iteration']:.4f}; medians of 3 rounds alternating an iteration, the E-step alone and its GEMMs "
+          "alone)")
+    print(f"E-step GEMMs alone (4 N D K):       {sp['e_gemm']:.4f} s (same rounds); at the measured rate "
+          f"{e_floor:.4f} s")
+    print(f"iteration / E-step GEMMs:           {sp['ratio']:.3f} (same rounds), {ours / e_floor:.3f} (median "
+          f"iteration / 4 N D K at the measured rate)   (target <= 1.2)")
     print(f"matmul rate ({a.precision}, measured): {rate / 1e9:.1f} GFLOP/s over {n_dev} device(s)")
     print(f"matmul floor 8NDK/rate:             {floor:.4f} s   share of floor (floor / ours) = {floor / ours:.1%} "
           f"median, {floor / ours_best:.1%} best   (target: within 15%, i.e. >= 87%)")

@@ -66,18 +66,11 @@ def main(argv: list[str]) -> None:
     a = p.parse_args(argv[1:])
     x = make_data(a.n, a.d, a.seed)
     init = diag.DiagGMM(*initial_params(x, a.k, a.seed))
-    originals = em._e_gemm, em._m_gemm
     out = {}
     for name, (e, m) in (("fp32", ("f32", "f32")), (f"E={a.e} M={a.m}", (a.e, a.m))):
         ge, gm = emulated_gemm(e), emulated_gemm(m)
-        em._e_gemm = lambda x_, w_, prec, ge=ge: ge(x_, w_, DIMS_NT)
-        em._m_gemm = lambda r_, x_, prec, gm=gm: gm(r_, x_, DIMS_TN)
-        em._build_step.cache_clear()
-        try:
-            g, info = em.fit(x, a.k, init=init, max_iter=a.iters, tol=0.0)
-        finally:
-            em._e_gemm, em._m_gemm = originals
-            em._build_step.cache_clear()
+        gemms = (lambda x_, w_, prec, ge=ge: ge(x_, w_, DIMS_NT), lambda r_, x_, prec, gm=gm: gm(r_, x_, DIMS_TN))
+        g, info = em.fit(x, a.k, init=init, max_iter=a.iters, tol=0.0, gemms=gemms)
         out[name] = [h["lower_bound"] for h in info["history"]]
         v = np.asarray(g.variances)
         print(f"{name:24s} lower bounds " + " ".join(f"{b:11.4f}" for b in out[name])

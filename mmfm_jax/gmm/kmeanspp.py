@@ -6,19 +6,21 @@ are drawn with probability proportional to the squared distance to the closest c
 ``searchsorted(cumsum(d2), u * potential)``, clipped to the last point), and the candidate that minimises the new
 potential ``sum_n min(d2_n, |x_n - c|^2)`` is kept (greedy local trials).
 
-Sharded: the data stay split along N (see :func:`mmfm_jax.gmm.em.shard_samples`); each device keeps the squared
+Sharded: the data stay split along N (see :func:`mmfm_jax.gmm.samples.shard_samples`); each device keeps the squared
 distances of its own rows; the global inverse-CDF is resolved with the per-device totals (``all_gather``) and a
 local ``searchsorted``; candidate points are gathered with a masked ``psum``. The whole loop is one jitted
 ``fori_loop`` inside ``shard_map``. Randomness (:func:`draws`): ``u = np.random.default_rng(seed).random((K,
 n_trials))`` rounded to float32, identical on every process; the first center is ``floor(u[0, 0] * N)``, the trials
 of center c use ``u[c]``, so the picks do not depend on the device count (up to float summation order).
 Distances are computed on the
-shifted data (``x - shift``) in fp32 and clamped at 0, like sklearn's ``_euclidean_distances``.
+shifted data (``x - shift``) in fp32 (float64 for float64 data) and clamped at 0, like sklearn's
+``_euclidean_distances``.
 
 ``params_from_indices`` is sklearn's ``GaussianMixture._initialize`` with one-hot responsibilities (``resp[idx_k,
-k] = 1``): ``N_k = 1 + nk_eps`` (10 eps), ``means_k = x_idx / N_k``, ``variances_k = x^2 / N_k - means^2 + reg_covar``
-(about reg_covar), and *unnormalised* ``weights_k = N_k / N`` exactly as sklearn (only the first E-step's lower
-bound sees that; the responsibilities do not).
+k] = 1``): ``N_k = 1 + nk_eps`` (10 eps), ``means_k = x_idx / N_k``, ``variances_k = x^2 / N_k - means^2 + reg_covar
+= nk_eps x^2 / N_k^2 + reg_covar``, and *unnormalised* ``weights_k = N_k / N`` exactly as sklearn (only the first
+E-step's lower bound sees that; the responsibilities do not). The variance is evaluated in that cancellation-free
+form (:func:`mmfm_jax.gmm.mstep.m_step` centred on the picked point), exact to a few ulp in either precision.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfm_jax.gmm.diag import DiagGMM
-from mmfm_jax.gmm.em import NK_EPS, ShardedSamples, jitted, psum, replicate, shard_index, shard_samples, take_rows
+from mmfm_jax.gmm.mstep import default_nk_eps, m_step
+from mmfm_jax.gmm.precision import lax_precision, matmul_precision
+from mmfm_jax.gmm.samples import ShardedSamples, jitted, psum, replicate, shard_index, shard_samples, take_rows
 
 
 def n_local_trials_default(n_clusters: int) -> int:
@@ -47,13 +51,15 @@ def draws(seed: int, n_clusters: int, n_trials: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _build(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, k: int, n_trials: int, precision: Any):
+def _build(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, k: int, n_trials: int, precision: Any,
+           dtype: str = "float32"):
     big_l = local_len
+    dt = jnp.dtype(dtype)
     dims_nt = (((1,), (1,)), ((), ()))
 
     def local(xl, shift, u):
         dev = shard_index(axes)
-        xs = xl.astype(jnp.float32) - shift  # [L, D]
+        xs = xl.astype(dt) - shift  # [L, D]
         rows = dev * big_l + jnp.arange(big_l)
         valid = rows < n
         n_valid = jnp.clip(n - dev * big_l, 0, big_l)
@@ -85,7 +91,7 @@ def _build(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, k: int, n_
                 end, off = ends[dev], ends[dev] - totals[dev]
                 first_dev = dev == 0
             else:
-                end, off, first_dev = tot, jnp.float32(0.0), True
+                end, off, first_dev = tot, jnp.zeros((), dt), True
             # the device holding the first global index whose cumulative sum reaches r
             own = (r <= end) & ((r > off) | first_dev)
             li = jnp.minimum(jnp.searchsorted(cs, r - off, side="left"), jnp.maximum(n_valid - 1, 0))
@@ -109,15 +115,14 @@ def kmeans_plusplus_indices(data: ShardedSamples | Any, n_clusters: int, *, seed
                             n_local_trials: int | None = None, mesh: Mesh | None = None,
                             precision: Any = "highest") -> np.ndarray:
     """Row indices ``[K]`` (int) of the k-means++ seeds of ``data`` (a ``ShardedSamples``, numpy or jax array)."""
-    from mmfm_jax.gmm.precision import lax_precision, matmul_precision
-
     data = data if isinstance(data, ShardedSamples) else shard_samples(data, mesh)
     k = int(n_clusters)
     if not 1 <= k <= data.n:
         raise ValueError(f"n_clusters must be in [1, n_samples={data.n}], got {k}")
     t = n_local_trials_default(k) if n_local_trials is None else int(n_local_trials)
-    fn = _build(data.mesh, data.axes, data.n, data.local_len, k, t, lax_precision(matmul_precision(precision)))
-    out = fn(data.x, replicate(data.shift, data.mesh), replicate(draws(seed, k, t), data.mesh))
+    fn = _build(data.mesh, data.axes, data.n, data.local_len, k, t, lax_precision(matmul_precision(precision)),
+                data.dtype.name)
+    out = fn(data.x, replicate(data.shift, data.mesh, data.dtype), replicate(draws(seed, k, t), data.mesh, data.dtype))
     return np.asarray(out).astype(np.int64)
 
 
@@ -130,7 +135,7 @@ def kmeans_plusplus(x: Any, n_clusters: int, *, seed: int = 0, n_local_trials: i
 
 
 def gather_rows(data: ShardedSamples, indices: Any) -> jax.Array:
-    """``x[indices]`` (fp32, unshifted) as a replicated array."""
+    """``x[indices]`` (compute dtype, unshifted) as a replicated array."""
     idx = np.asarray(indices, np.int64)
     if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= data.n)):
         raise ValueError(f"indices must be 1-D in [0, {data.n}), got {idx!r}")
@@ -139,21 +144,21 @@ def gather_rows(data: ShardedSamples, indices: Any) -> jax.Array:
 
 
 def params_from_indices(data: ShardedSamples | Any, indices: Any, *, reg_covar: float = 1e-6,
-                        mesh: Mesh | None = None, nk_eps: float = NK_EPS) -> DiagGMM:
-    """sklearn's ``_initialize`` from one-hot responsibilities at ``indices [K]`` (see module docstring)."""
+                        mesh: Mesh | None = None, nk_eps: float | None = None) -> DiagGMM:
+    """sklearn's ``_initialize`` from one-hot responsibilities at ``indices [K]`` (see module docstring), in the
+    data's compute dtype; ``nk_eps`` default: ``10 eps`` of that dtype."""
     data = data if isinstance(data, ShardedSamples) else shard_samples(data, mesh)
+    nk_eps = default_nk_eps(data.dtype) if nk_eps is None else nk_eps
     pts = gather_rows(data, indices)
     fn = jitted(_one_hot_m_step, NamedSharding(data.mesh, PartitionSpec()))
-    return fn(pts, *replicate((data.shift, np.float32(data.n), np.float32(reg_covar), np.float32(nk_eps)), data.mesh))
+    return fn(pts, *replicate((data.shift, data.n, reg_covar, nk_eps), data.mesh, data.dtype))
 
 
 def _one_hot_m_step(pts, shift, n, reg_covar, nk_eps):
-    xs = pts - shift
-    nk = 1.0 + nk_eps
-    mu = xs / nk
-    var = jnp.maximum(xs * xs / nk - mu * mu, 0.0) + reg_covar
-    w = jnp.full((xs.shape[0],), nk / n, jnp.float32)
-    return DiagGMM(weights=w, means=mu + shift, variances=var)
+    """The M-step of one-hot responsibilities, centred on the picked points: no statistic but ``N_k`` is nonzero."""
+    k, d = pts.shape
+    g = m_step(jnp.ones((k,), pts.dtype), jnp.zeros((k, 2 * d), pts.dtype), pts - shift, shift, reg_covar, nk_eps)
+    return DiagGMM(weights=jnp.full((k,), (1.0 + nk_eps) / n, pts.dtype), means=g.means, variances=g.variances)
 
 
 def potential(x: np.ndarray, centers: np.ndarray) -> float:

@@ -86,8 +86,10 @@ def prepare_e_weights(w: jax.Array, precision: Any) -> jax.Array:
 
 def e_step_gemm(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
     """``a [C, 2D] . w [K, 2D] -> [C, K]`` fp32; ``w`` from :func:`prepare_e_weights`."""
-    if precision != FUSED_BF16X3:
-        return lax.dot_general(a, w, DIMS_NT, precision=precision)
+    if precision != FUSED_BF16X3:  # as two D-deep GEMMs: XLA:CPU runs the 2D-deep one over a concatenation slower
+        d = a.shape[1] // 2
+        return (lax.dot_general(a[:, :d], w[:, :d], DIMS_NT, precision=precision)
+                + lax.dot_general(a[:, d:], w[:, d:], DIMS_NT, precision=precision))
     hi, lo = split_bf16(a)
     return _dot_f32(jnp.concatenate([hi, lo, hi], axis=1), w, DIMS_NT)
 
@@ -95,12 +97,25 @@ def e_step_gemm(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
 def m_step_gemm(r: jax.Array, a: jax.Array, precision: Any) -> jax.Array:
     """``r [C, K] . a [C, 2D] -> [K, 2D]`` fp32 (contraction over the rows)."""
     if precision != FUSED_BF16X3:
-        return lax.dot_general(r, a, DIMS_TN, precision=precision)
+        d = a.shape[1] // 2
+        return jnp.concatenate([lax.dot_general(r, a[:, :d], DIMS_TN, precision=precision),
+                                lax.dot_general(r, a[:, d:], DIMS_TN, precision=precision)], axis=1)
     r_hi, r_lo = split_bf16(r)
     a_hi, a_lo = split_bf16(a)
     width = a.shape[1]
     both = _dot_f32(r_hi, jnp.concatenate([a_hi, a_lo], axis=1), DIMS_TN)  # [K, 4D]: hi.hi and hi.lo
     return both[:, :width] + (both[:, width:] + _dot_f32(r_lo, a_hi, DIMS_TN))
+
+
+def row_max_argmax(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(max, argmax)`` of each row of ``scores [C, K]`` (ties: the lower index, as ``jnp.argmax``; a row without
+    a maximum, e.g. NaN, gets index ``K - 1``). A max reduction and an integer min reduction: XLA:CPU runs
+    ``jnp.argmax`` (a variadic reduction) about 30x slower than these two."""
+    k = scores.shape[-1]
+    mx = jnp.max(scores, axis=-1)
+    cols = jnp.arange(k, dtype=jnp.int32)
+    idx = jnp.min(jnp.where(scores == mx[..., None], cols, k), axis=-1)
+    return mx, jnp.minimum(idx, k - 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -133,7 +148,7 @@ def refine_top(logits: jax.Array, xc: jax.Array, mu: jax.Array, prec: jax.Array,
     bound = rounding_bound(precision) * jnp.sum(prec * span * span, axis=-1)  # [K]
     cols = jnp.arange(logits.shape[1])[None, :]
     out = logits
-    for cand in (jnp.argmax(logits, axis=1), jnp.argmax(logits + bound[None, :], axis=1)):
+    for cand in (row_max_argmax(logits)[1], row_max_argmax(logits + bound[None, :])[1]):
         diff = xc - jnp.take(mu, cand, axis=0)
         direct = jnp.take(base, cand) - 0.5 * jnp.sum(jnp.take(prec, cand, axis=0) * diff * diff, axis=1)
         out = jnp.where(cols == cand[:, None], direct[:, None], out)

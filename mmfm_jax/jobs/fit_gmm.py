@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check(cfg, "gmm.init", lambda v: v in ("k-means++", "random_from_data"), "must be 'k-means++'")
         check_positive(cfg, "data.batch_size")
         check_choice(cfg, "spatial.shift", ("none", "mean"))
+        check_choice(cfg, "gmm.dtype", ("float32", "float64"))
+        if cfg.gmm.dtype == "float64" and cfg.gmm.precision != "highest":
+            raise ConfigError(f"config.gmm.precision: must be 'highest' with config.gmm.dtype=float64, got "
+                              f"{cfg.gmm.precision!r}")
         check(cfg, "gmm.precision", _precision_ok, f"must be highest | high | default | {FUSED_BF16X3} | a "
               "lax.DotAlgorithmPreset name, or 'E,M' for the E-step and M-step GEMMs (e.g. 'tf32_tf32_f32,highest')")
     check(cfg, "latent.grid", lambda v: len(v) == 2 and all(int(g) > 0 for g in v), "must be (H, W)")
@@ -100,16 +105,30 @@ def read_cls(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     idx = np.concatenate([p["index"] for p in parts]).astype(np.int64)
     flip = np.concatenate([p["flip"] for p in parts]).astype(np.int32)
     keep = flip == 0
+    shard_of = np.repeat([int(sh["id"]) for sh in shards], [int(sh["count"]) for sh in shards])[keep]
     cls, idx = cls[keep], idx[keep]
+    check_finite_cls(cls, shard_of, directory)
     order = np.argsort(idx, kind="stable")
     return cls[order], idx[order]
+
+
+def check_finite_cls(cls: np.ndarray, shard_of: np.ndarray, directory: Any) -> None:
+    """Raise before EM if any [CLS] row has a NaN or inf, naming how many and the shards (``shard_of [N]``) holding
+    them: EM cannot fit them and a single one makes every lower bound NaN."""
+    bad = ~np.isfinite(cls).all(axis=1)
+    if bad.any():
+        ids, counts = np.unique(shard_of[bad], return_counts=True)
+        where = ", ".join(f"{int(i)} ({int(c)})" for i, c in zip(ids, counts))
+        raise ValueError(f"fit-gmm: {int(bad.sum())} of {len(cls)} [CLS] vectors in {directory} are not finite, in "
+                         f"shards (rows): {where}; re-encode those shards")
 
 
 def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[diag.DiagGMM, dict]:
     g = cfg.gmm
     state_dir = ctx.path("em_state")
     resumable = (state_dir / "metadata.json").exists() or (Path(f"{state_dir}.old") / "metadata.json").exists()
-    state = gmm_io.load_em_state(state_dir, mesh=ctx.mesh) if resumable else None
+    with em.x64_scope(g.dtype):  # a float64 fit's state is float64: restore it with 64-bit types on
+        state = gmm_io.load_em_state(state_dir, mesh=ctx.mesh) if resumable else None
     if state is not None:
         log.info("fit-gmm: resuming EM at iteration %d", int(state.iteration))
     from mmfm_jax.utils import progress
@@ -130,8 +149,10 @@ def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[d
     gmm, info = em.fit(cls, int(g.n_components), mesh=ctx.mesh, seed=int(g.seed), init=g.init,
                        max_iter=int(g.max_iter), tol=float(g.tol), reg_covar=float(g.reg_covar),
                        chunk_size=int(g.chunk_size), state=state, on_iteration=on_iteration, precision=g.precision,
-                       m_step_top=int(g.m_step_top))
+                       m_step_top=int(g.m_step_top), dtype=g.dtype)
     ctx_progress.close()
+    if g.dtype == "float64":  # the source and the samplers are float32
+        gmm = em.replicate(jax.tree.map(lambda a: np.asarray(a, np.float32), gmm), ctx.mesh)
     return gmm, info
 
 
