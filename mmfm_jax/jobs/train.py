@@ -58,10 +58,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> DiTDHConfig:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     validate_base(cfg)
-    try:
-        mcfg = model_config(cfg)
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
+    mcfg = checked_model_config(cfg)
     check_choice(cfg, "data.kind", ("latents", "synthetic"))
     if cfg.data.kind == "latents":
         check(cfg, "data.path", lambda v: bool(v), "must name a latent dataset folder (from the encode job)")
@@ -100,6 +97,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if mcfg.head == "gm":
         check(cfg, "train.gm_weight_scale", lambda v: v > 0, "must be > 0")
         validate_gm_train(cfg.source.kind, cfg.source.y_from, cfg.train.gm_trans_ratio)
+
+
+def checked_model_config(cfg: ml_collections.ConfigDict) -> DiTDHConfig:
+    """``model_config(cfg)``; a bad field raises ``ConfigError`` naming ``config.model.<field>``."""
+    try:
+        return model_config(cfg)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise ConfigError(msg.replace("DiTDHConfig.", "config.model.", 1) if msg.startswith("DiTDHConfig.")
+                          else f"config.model: {msg}") from None
 
 
 def validate_gm_train(source_kind: str, y_from: str, trans_ratio: float) -> None:
