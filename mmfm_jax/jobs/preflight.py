@@ -27,6 +27,8 @@ FROM = {  # where each kind of input comes from
     "samples": "an .npz (arr_0), a `mmfm-jax sample` workdir, or a folder of images",
     "gmm_pkl": f"the official GMM pickles from {RELEASE}",
     "images": "a folder of class sub-folders with images (<root>/<class>/<file>)",
+    "encoder": "a Hugging Face model folder (config.json + weights), or a hub id such as "
+               "facebook/dinov2-with-registers-base",
     "tfds": "a TFDS data_dir (`mmfm-jax prepare-imagenet --manual_dir ... --data_dir ...`)",
 }
 
@@ -78,6 +80,9 @@ def _encode(cfg) -> Iterator[Need]:
         yield "data.tfds_dir", "dir", "", "tfds"
     if cfg.stats.get("import_path"):
         yield "stats.import_path", "file", "", "stats"
+    weights = str(cfg.encoder.weights)
+    if not cfg.encoder.random_init and weights.startswith(("/", ".", "~", "gs://")):  # a local copy, not a hub id
+        yield "encoder.weights", "dir", "", "encoder"
 
 
 def _fit_gmm(cfg) -> Iterator[Need]:
