@@ -232,6 +232,9 @@ def run(argv: list[str] | None = None) -> None:
         print(f"{PROG}: error: unknown job {job!r}" + (f"; did you mean {near[0]!r}?" if near else "")
               + f"\njobs: {', '.join(JOBS)}; tools: {', '.join(SUBCOMMANDS)} ({PROG} --help)", file=sys.stderr)
         raise SystemExit(2)
+    from mmfm_jax.jobs.common import setup_logging
+
+    setup_logging()  # before the job's imports: a library logging at import would install a second handler
     module = importlib.import_module(JOBS[job])
     if hasattr(module, "main"):  # a job with its own flags
         raise SystemExit(module.main(args) or 0)
@@ -249,8 +252,6 @@ def run(argv: list[str] | None = None) -> None:
 
     import jax
     from absl import flags
-
-    from mmfm_jax.jobs.common import setup_logging
 
     flags.FLAGS([PROG, *parsed.absl])  # library flags (and marks absl parsed: grain's worker processes need it)
     setup_logging()

@@ -41,7 +41,8 @@ def test_wheel_installs_and_runs_a_job_elsewhere(repo_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(JAX_PLATFORMS="cpu", MMFM_NO_PROGRESS="1")
+    env.update(JAX_PLATFORMS="cpu")
+    env.pop("MMFM_NO_PROGRESS", None)
     where = subprocess.run([str(vpy), "-c", "import mmfm_jax, mmfm_jax.configs as c; print(mmfm_jax.__file__)"],
                            cwd=elsewhere, env=env, check=True, capture_output=True, text=True).stdout
     assert where.startswith(vsite)
@@ -50,6 +51,9 @@ def test_wheel_installs_and_runs_a_job_elsewhere(repo_dir, tmp_path):
                           "--config.checkpoint.every_steps=1", "--workdir=w"], cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    # stderr is a pipe: plain progress lines instead of a bar, every log line once, in our format
+    assert "I mmfm_jax] train: 2/2 (100%)" in out.stderr and "\r" not in out.stderr
+    assert not [ln for ln in out.stderr.splitlines() if ln.startswith(("INFO:", "WARNING:"))], out.stderr[-3000:]
     summary = json.loads((elsewhere / "w" / "summary.json").read_text())
     assert summary["final_step"] == 2 and summary["checkpoints"] == [1, 2]
     out = subprocess.run([exe, "fit-gmm", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True)
