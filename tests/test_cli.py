@@ -64,11 +64,19 @@ def test_load_config_overrides(repo_dir):
 # mmfm-jax: help, config resolution, one-line errors before the workdir, subcommands (in-process: cheap)
 
 def _run(capsys, *args) -> tuple[int, str, str]:
+    import logging
+
     from mmfm_jax import cli
 
-    with pytest.raises(SystemExit) as e:
-        cli.run(["mmfm-jax", *args])
-        raise SystemExit(0)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run(["mmfm-jax", *args])
+            raise SystemExit(0)
+    finally:  # the CLI's log handler writes to this test's captured stderr: drop it
+        for h in set(root.handlers) - set(before):
+            root.removeHandler(h)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
 

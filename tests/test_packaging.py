@@ -9,6 +9,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import zipfile
 
 PROJECT_FILES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "CITATION.cff", "mmfm_jax", "configs")
 
@@ -24,6 +25,9 @@ def test_wheel_installs_and_runs_a_job_elsewhere(repo_dir, tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("mmfm_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "mmfm_jax/configs/train.py" in names and any(n.endswith("licenses/LICENSE") for n in names)
+    assert not [n for n in names if "__pycache__" in n]
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
