@@ -76,6 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True,
                                                   preemption_check_every=10))
     c.debug = ml_collections.ConfigDict(dict(hang_at_step=-1, sigterm_at_step=-1))
+    # a TensorBoard grid of EMA samples (latents as images: PCA of the tokens) every `every_steps` (0 = off)
+    c.preview = ml_collections.ConfigDict(dict(every_steps=5000, num_samples=16, num_points=25))
     c.log_every = 100
     c.encoder = ml_collections.ConfigDict(dict(name="dinov2_b"))  # the latents must come from it ('' = any)
 
@@ -132,6 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.adaptive.ema_decay = 0.9
         c.checkpoint.every_steps = 2
         c.checkpoint.keep = 2
+        c.preview.every_steps = 0
         c.log_every = 2
     else:
         raise ValueError(f"configs/train.py: unknown variant {variant!r} "

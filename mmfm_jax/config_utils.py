@@ -86,22 +86,13 @@ def validate_base(cfg: ml_collections.ConfigDict) -> None:
 
 
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """Load ``path/to/config.py[:variant]`` like ``--config=`` does (for tests and notebooks), then apply
-    ``{'a.b': value}`` overrides; unknown keys raise ``ConfigError`` naming the key."""
-    import importlib.util
+    """Load ``path/to/config.py[:variant]`` (or a shipped ``train.py:tiny``) like ``--config=`` does (for tests and
+    notebooks), then apply ``{'a.b': value}`` overrides; unknown keys raise ``ConfigError`` naming the key."""
+    from mmfm_jax import config_files
 
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location(f"_mmfm_config_{abs(hash(path))}", path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ConfigError(f"config file {path!r} not found")
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg else module.get_config()
+    path, variant = config_files.resolve_config_file(spec)
+    cfg = config_files.build_config(config_files.import_config_module(path), variant, spec)
     for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        node = get_key(cfg, ".".join(parents)) if parents else cfg
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ConfigError(f"config.{key}: unknown key")
-        node[leaf] = value
+        config_files.set_override(cfg, key, value)
     cfg.lock()
     return cfg

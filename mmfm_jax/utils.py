@@ -146,13 +146,104 @@ class MetricWriter:
 
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
-             disable: bool | None = None):
-    """A tqdm progress bar on process 0 (disabled elsewhere, and when MMFM_NO_PROGRESS=1)."""
-    from tqdm.auto import tqdm
+             disable: bool | None = None, every_s: float | None = None):
+    """Progress of a loop on process 0 (nothing elsewhere, nor when ``MMFM_NO_PROGRESS=1``).
 
+    On a terminal: a tqdm bar, with log lines printed above it (``logging_redirect_tqdm``) instead of through it.
+    Otherwise (stderr piped to a file, a cluster log): one plain log line every ``every_s`` seconds (default
+    ``MMFM_PROGRESS_EVERY_S`` or 60) and one at the end, with the rate and the ETA (:class:`LogProgress`).
+    Either way: use as an iterable wrapper, or call ``update(n)`` / ``set_postfix(...)`` / ``close()``."""
     if disable is None:
         disable = jax.process_index() != 0 or os.environ.get("MMFM_NO_PROGRESS") == "1"
-    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True, leave=False)
+    if not disable and not _stderr_is_tty():
+        every = float(os.environ.get("MMFM_PROGRESS_EVERY_S", 60)) if every_s is None else every_s
+        return LogProgress(iterable, total=total, desc=desc, initial=initial, every_s=every)
+    from tqdm.auto import tqdm
+
+    class _Bar(tqdm):  # log lines go through tqdm.write while the bar is open
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._redirect = None
+            if not self.disable:
+                from tqdm.contrib.logging import logging_redirect_tqdm
+
+                self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)
+                self._redirect.__enter__()
+
+        def close(self):
+            super().close()
+            if getattr(self, "_redirect", None) is not None:
+                self._redirect.__exit__(None, None, None)
+                self._redirect = None
+
+    return _Bar(iterable, total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True, leave=False)
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return os.isatty(2)
+    except (OSError, ValueError):
+        return False
+
+
+class LogProgress:
+    """A progress "bar" for logs: ``desc: n/total (p%), r it/s, ETA h:mm:ss [postfix]`` every ``every_s``
+    seconds and when closed. Hand-rolled because tqdm's file output rewrites a line per update (a log piped to a
+    file grows by thousands of bar updates), and clu's ReportProgress needs TensorFlow."""
+
+    def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
+                 every_s: float = 60.0):
+        import time
+
+        self._time = time.perf_counter
+        self.iterable, self.desc, self.every_s = iterable, desc or "progress", float(every_s)
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        self.total, self.n, self._n0 = total, initial, initial
+        self._t0 = self._last = self._time()
+        self._postfix = ""
+        self._closed = False
+        self._logged_n = initial
+
+    def __iter__(self):
+        for x in self.iterable or ():
+            yield x
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def set_postfix(self, **kw: Any) -> None:
+        self._postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def line(self) -> str:
+        dt = max(self._time() - self._t0, 1e-9)
+        rate = (self.n - self._n0) / dt
+        parts = [f"{self.desc}: {self.n}" + (f"/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"
+                                             if self.total else ""), f"{rate:.3g} it/s"]
+        if self.total and rate > 0 and self.n < self.total:
+            eta = int((self.total - self.n) / rate)
+            parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        elif self.n >= (self.total or float("inf")) or self._closed:
+            parts.append(f"{int(dt) // 60}:{int(dt) % 60:02d} elapsed")
+        return ", ".join(parts) + (f" [{self._postfix}]" if self._postfix else "")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._time()
+        if now - self._last >= self.every_s:
+            self._last, self._logged_n = now, self.n
+            log.info("%s", self.line())
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.n > self._logged_n:
+                log.info("%s", self.line())
 
 
 # XLA options that ``'auto'`` adds per backend. GPU: cuBLAS for every GEMM instead of XLA's Triton GEMM fusions,

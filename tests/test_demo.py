@@ -20,5 +20,21 @@ def test_demo_short_run(tmp_path, repo_dir):
               "samples_gmm_mode.png", "samples_gmm_mode_cond.png",
               "summary.json", "config.json", "curves.json"):
         assert (tmp_path / f).exists(), f
-    assert "speed-up" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "speed-up" in report and "![FD and class-histogram TV vs step](convergence.png)" in report
+    assert "(samples.png)" in report and "GMM + mode coupling, mode-conditional" in report
+    assert "steps, >= " in report or "not reached" in report  # the speed-up is written as a bound
+    assert (tmp_path / "samples.png").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["job"] == "demo"
+    assert 0 <= s["tv_test_vs_train"] < 1
+    for name in s["final"]:  # one TensorBoard run per setting
+        assert list((tmp_path / "tb" / name).glob("events.out.tfevents.*")), name
+    # the EMA models, in the train job's layout: the sample job's loader restores them
+    from mmfm_jax import parallel
+    from mmfm_jax.jobs.sample import restore_train_ema
+
+    assert (tmp_path / "models" / "source" / "metadata.json").exists()
+    cfg_saved = json.loads((tmp_path / "models" / "gmm_mode_cond" / "config.json").read_text())
+    assert cfg_saved["source"]["path"] == str(tmp_path / "models" / "source")
+    _, state, mcfg, step = restore_train_ema(s["models"]["gmm_mode_cond"], parallel.make_mesh())
+    assert step == 40 and mcfg.use_y_conditioning and mcfg.hidden_size == (32, 64)

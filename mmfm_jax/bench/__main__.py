@@ -1,4 +1,5 @@
-"""``python -m mmfm_jax.bench <name> [--flag=value ...]``; each bench module defines ``main(argv)``."""
+"""``mmfm-jax bench <name> [--flag=value ...]`` (or ``python -m mmfm_jax.bench``); each bench module defines
+``main(argv)``."""
 
 import importlib
 import sys
@@ -6,11 +7,12 @@ import sys
 from mmfm_jax.bench import BENCHES
 
 
-def run() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
-        print("usage: python -m mmfm_jax.bench <name> [flags]\nbenches: " + ", ".join(BENCHES), file=sys.stderr)
-        raise SystemExit(2)
-    importlib.import_module(BENCHES[sys.argv[1]]).main([sys.argv[0]] + sys.argv[2:])
+def run(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in BENCHES:
+        print("usage: mmfm-jax bench <name> [flags]\nbenches: " + ", ".join(BENCHES), file=sys.stderr)
+        raise SystemExit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help") else 2)
+    importlib.import_module(BENCHES[argv[1]]).main([argv[0]] + argv[2:])
 
 
 if __name__ == "__main__":

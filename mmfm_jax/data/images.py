@@ -96,7 +96,7 @@ class TfdsSource:
         except Exception as e:  # noqa: BLE001
             raise FileNotFoundError(
                 f"TFDS {name}:{split} not found or not in ArrayRecord format under data_dir={data_dir}: {e}. "
-                "Prepare it with `python -m mmfm_jax.data.images prepare-imagenet --manual_dir ... --data_dir ...` "
+                "Prepare it with `mmfm-jax prepare-imagenet --manual_dir ... --data_dir ...` "
                 "(see the README)") from e
 
     def __len__(self) -> int:

@@ -12,8 +12,3 @@ JOBS: dict[str, str] = {
     "evaluate": "mmfm_jax.jobs.evaluate",
 }
 
-# plain subcommands with their own flags: module.main(argv) -> exit code
-COMMANDS: dict[str, str] = {
-    "fetch-release": "mmfm_jax.jobs.fetch_release",
-    "convert": "mmfm_jax.jobs.convert_release",
-}

@@ -16,8 +16,10 @@ Every ``eval_every`` steps the EMA model samples ``eval_samples`` images (Euler,
 is scored by a small MLP classifier trained in the job on the training split: Frechet distance in its penultimate
 features against the training split ("FD"), and classifier mode coverage (classes that get at least a quarter of
 their share of samples; and the total variation between the predicted-class histogram and the data's). Output:
-``table.md`` (metric vs step), ``report.md``, ``summary.json``, ``convergence.png``, ``samples_<setting>.png``, and the
-steps each GMM setting needs to reach the baseline's final FD (the speed-up).
+``table.md`` (metric vs step), ``report.md``, ``summary.json``, ``convergence.png``, ``samples.png``,
+``samples_<setting>.png`` (``jobs/demo_report.py``), the steps each GMM setting needs to reach the baseline's final FD
+(the speed-up, a bound), one TensorBoard run per setting (``tb/<setting>``: scalars and sample grids) and each
+setting's EMA model in the train job's layout (``models/<setting>``; the GMM source in ``models/source``).
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from mmfm_jax.eval import classifier as clf_lib
 from mmfm_jax.eval.metrics import feature_stats, frechet_distance
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
 from mmfm_jax.gmm import em, spatial
-from mmfm_jax.gmm.source import ModeSource, sample_prior, sample_source, shard_source
-from mmfm_jax.jobs.train import model_config, step_config
+from mmfm_jax.gmm.source import ModeSource, sample_prior, sample_source, save_source, shard_source
+from mmfm_jax.jobs.demo_report import LABELS, write_outputs
+from mmfm_jax.jobs.train import checked_model_config, model_config, step_config
 from mmfm_jax.models.ditdh import DiTDH
 from mmfm_jax.train.optim import optimizer_from_config
 from mmfm_jax.train.state import create_train_state
 from mmfm_jax.train.step import make_train_step, put_batch
-from mmfm_jax.utils import progress, write_json_atomic
+from mmfm_jax.utils import MetricWriter, progress, write_json_atomic
 
 DEFAULT_CONFIG = "demo.py"
 SETTINGS = {  # name -> (source kind, model sees the mode)
@@ -60,6 +63,7 @@ log = logging.getLogger("mmfm_jax")
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     validate_base(cfg)
+    checked_model_config(cfg)
     check_choice(cfg, "mode", ("convergence", "gm_steps"))
     if cfg.mode == "gm_steps":
         from mmfm_jax.jobs.demo_gm import validate_gm_steps
@@ -148,7 +152,25 @@ def build_trainer(c: ml_collections.ConfigDict, mesh, name: str, train: dict, sr
     return state, step_fn, scfg, mdef, mcfg, source, it
 
 
-def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, ref_stats) -> dict[str, Any]:
+def save_model(ctx, c: ml_collections.ConfigDict, name: str, state, step: int, source_dir: str | None) -> str:
+    """The EMA model (the whole train state) in the train job's layout: ``models/<name>/config.json`` +
+    ``checkpoints/<step>/state``, loadable like a train workdir (``sample`` with ``model.kind='train'``)."""
+    from mmfm_jax.train.checkpoint import Checkpointer
+
+    out = ctx.path("models", name)
+    saved = ml_collections.ConfigDict(c.to_dict())
+    saved.source.path = source_dir or ""
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", saved.to_dict())
+    ckpt = Checkpointer(out / "checkpoints", max_to_keep=1, async_save=False)
+    ckpt.save(step, state, None, saved.to_dict())
+    ckpt.close()
+    return str(out)
+
+
+def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, ref_stats,
+                source_dir: str | None = None) -> dict[str, Any]:
     c = _setting_config(cfg, name)
     mesh = ctx.mesh
     state, step_fn, scfg, mdef, mcfg, source, it = build_trainer(c, mesh, name, train, src)
@@ -159,6 +181,7 @@ def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, r
     curve, losses = [], []
     extra = {int(e) for e in cfg.get("eval_extra", ())}  # early evaluations: the speed-up is measured, not bounded
     t0 = time.time()
+    writer = MetricWriter(ctx.path("tb", name))  # one TensorBoard run per setting: the curves overlay
     bar = progress(total=int(c.train.num_steps), desc=name)
     for step in range(1, int(c.train.num_steps) + 1):
         state, m = step_fn(state, put_batch(next(it), mesh, scfg), source)
@@ -170,12 +193,16 @@ def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, r
             loss = float(np.mean(jax.device_get(losses)))
             losses = []
             curve.append(dict(step=step, **sc, loss=loss))
-            ctx.writer.scalars(step, {f"demo/{name}/fd": sc["fd"], f"demo/{name}/covered": sc["covered"],
-                                      f"demo/{name}/tv": sc["tv"], f"demo/{name}/loss": loss}, console=False)
+            log.info("demo: %s step %d: FD %.3f, class-histogram TV %.3f, coverage %.2f, loss %.4f", name, step,
+                     sc["fd"], sc["tv"], sc["covered"], loss)
+            writer.scalars(step, {"demo/fd": sc["fd"], "demo/covered": sc["covered"], "demo/tv": sc["tv"],
+                                  "demo/loss": loss}, console=False)
+            writer.image("demo/samples", step, digits.image_grid(digits.to_images(x[:64]), cols=8)[..., None])
     bar.close()
     it.close()
-    final_x = x
-    return dict(curve=curve, seconds=time.time() - t0, final=curve[-1], samples=final_x)
+    writer.close()
+    model_dir = save_model(ctx, c, name, state, int(c.train.num_steps), source_dir)
+    return dict(curve=curve, seconds=time.time() - t0, final=curve[-1], samples=x, model_dir=model_dir)
 
 
 def steps_to_reach(curve: list[dict], target: float) -> int | None:
@@ -199,8 +226,10 @@ def prepare(cfg) -> dict[str, Any]:
     ref_stats = {"fd": feature_stats(ref_feats), "freq": freq}
     test_feats, _ = clf_lib.features_and_predictions(clf, data["test"]["cls"])
     fd_floor = float(frechet_distance(*feature_stats(test_feats), *ref_stats["fd"]))
-    log.info("demo: classifier test accuracy %.3f; FD(test split, train split) = %.3f", clf_acc, fd_floor)
-    return dict(train=train, clf=clf, clf_acc=clf_acc, ref_stats=ref_stats, fd_floor=fd_floor)
+    tv_floor = clf_lib.mode_coverage(test_pred, 10, freq)["tv"]
+    log.info("demo: classifier test accuracy %.3f; held-out split vs training split: FD %.3f, class-histogram TV "
+             "%.3f (the floors)", clf_acc, fd_floor, tv_floor)
+    return dict(train=train, clf=clf, clf_acc=clf_acc, ref_stats=ref_stats, fd_floor=fd_floor, tv_floor=tv_floor)
 
 
 def score(clf, ref_stats, x: np.ndarray) -> dict[str, float]:
@@ -222,12 +251,18 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     train, clf, clf_acc, ref_stats, fd_floor = (prep[k] for k in ("train", "clf", "clf_acc", "ref_stats", "fd_floor"))
     needs_gmm = any(SETTINGS[s][0] != "gaussian" for s in cfg.settings)
     src, gmm_info = (fit_source(cfg, ctx.mesh, train) if needs_gmm else (None, {}))
+    source_dir = None
+    if src is not None:
+        source_dir = str(ctx.path("models", "source"))
+        save_source(source_dir, src, {"job": "demo", "gmm": gmm_info})
     results = {}
     for name in cfg.settings:
-        log.info("demo: training %s for %d steps", name, cfg.train.num_steps)
-        results[name] = run_setting(cfg, ctx, name, train, src, clf, ref_stats)
-        log.info("demo: %s final FD %.3f, coverage %.2f (%.0f s)", name, results[name]["final"]["fd"],
-                 results[name]["final"]["covered"], results[name]["seconds"])
+        log.info("demo: training %s (%s) for %d steps", name, LABELS.get(name, name), cfg.train.num_steps)
+        results[name] = run_setting(cfg, ctx, name, train, src, clf, ref_stats,
+                                    source_dir if SETTINGS[name][0] != "gaussian" else None)
+        log.info("demo: %s final FD %.3f, coverage %.2f (%.0f s); EMA model in %s", name,
+                 results[name]["final"]["fd"], results[name]["final"]["covered"], results[name]["seconds"],
+                 results[name]["model_dir"])
     base_fd = results["gaussian"]["final"]["fd"]
     base_steps = int(cfg.train.num_steps)
     speedups = {}
@@ -235,60 +270,10 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         s = steps_to_reach(r["curve"], base_fd)
         speedups[name] = dict(steps_to_baseline_final_fd=s, speedup=(base_steps / s) if s else None)
     if ctx.is_main:
-        _write_outputs(cfg, ctx, results, speedups, dict(classifier_test_accuracy=clf_acc, fd_test_vs_train=fd_floor,
-                                                         **gmm_info))
+        write_outputs(cfg, ctx, results, speedups, dict(classifier_test_accuracy=clf_acc, fd_test_vs_train=fd_floor,
+                                                        tv_test_vs_train=prep["tv_floor"], **gmm_info), train["latent"])
     return dict(settings=list(cfg.settings), steps=base_steps, classifier_test_accuracy=clf_acc,
-                fd_test_vs_train=fd_floor, gmm=gmm_info, baseline_final_fd=base_fd,
+                fd_test_vs_train=fd_floor, tv_test_vs_train=prep["tv_floor"], gmm=gmm_info, baseline_final_fd=base_fd,
+                models={n: r["model_dir"] for n, r in results.items()}, source_dir=source_dir,
                 final={n: r["final"] for n, r in results.items()}, speedup=speedups,
                 curves={n: r["curve"] for n, r in results.items()}, total_seconds=time.time() - t0)
-
-
-def _write_outputs(cfg, ctx, results, speedups, info) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    names = list(results)
-    steps = [row["step"] for row in results[names[0]]["curve"]]
-    lines = ["| step | " + " | ".join(f"FD {n}" for n in names) + " | " + " | ".join(f"cov {n}" for n in names) + " |",
-             "|---" * (1 + 2 * len(names)) + "|"]
-    for i, s in enumerate(steps):
-        fds = " | ".join(f"{results[n]['curve'][i]['fd']:.2f}" for n in names)
-        covs = " | ".join(f"{results[n]['curve'][i]['covered']:.2f}" for n in names)
-        lines.append(f"| {s} | {fds} | {covs} |")
-    table = "\n".join(lines)
-    (ctx.path("table.md")).write_text(table + "\n")
-    sp = ["| setting | final FD | final coverage | final TV | steps to the baseline's final FD | speed-up |",
-          "|---|---|---|---|---|---|"]
-    for n in names:
-        f = results[n]["final"]
-        s = speedups[n]
-        speed = f"{s['speedup']:.1f}x" if s["speedup"] else "-"
-        sp.append(f"| {n} | {f['fd']:.2f} | {f['covered']:.2f} | {f['tv']:.3f} | "
-                  f"{s['steps_to_baseline_final_fd'] or 'not reached'} | {speed} |")
-    report = ["# Digits demo: MM-FM vs the Gaussian baseline", "",
-              f"{cfg.train.num_steps} steps per setting, global batch {cfg.train.global_batch_size}, "
-              f"{cfg.gmm.n_components}-mode GMM, {cfg.sampler.num_points}-point Euler grid, "
-              f"{cfg.eval_samples} samples per evaluation.",
-              f"Classifier test accuracy {info['classifier_test_accuracy']:.3f}; FD of the held-out split vs the "
-              f"training split (a floor) {info['fd_test_vs_train']:.2f}.", "", *sp, "", "## FD and coverage vs step",
-              "", table, ""]
-    ctx.path("report.md").write_text("\n".join(report))
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for n in names:
-        c = results[n]["curve"]
-        ax[0].plot([r["step"] for r in c], [r["fd"] for r in c], marker="o", ms=3, label=n)
-        ax[1].plot([r["step"] for r in c], [r["tv"] for r in c], marker="o", ms=3, label=n)
-    ax[0].axhline(info["fd_test_vs_train"], color="gray", ls=":", label="held-out data")
-    ax[0].set(xlabel="step", ylabel="FD (classifier features)", yscale="log", title="Frechet distance")
-    ax[1].set(xlabel="step", ylabel="TV(class histogram, data)", title="mode coverage (lower is better)")
-    ax[0].legend()
-    fig.tight_layout()
-    fig.savefig(ctx.path("convergence.png"), dpi=110)
-    plt.close(fig)
-    for n in names:
-        grid = digits.image_grid(digits.to_images(results[n]["samples"][:128]), cols=16)
-        Image.fromarray(grid).save(ctx.path(f"samples_{n}.png"))
-    write_json_atomic(ctx.path("curves.json"), {n: r["curve"] for n, r in results.items()})

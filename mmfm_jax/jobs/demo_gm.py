@@ -33,7 +33,7 @@ from mmfm_jax.jobs.demo import SETTINGS, _setting_config, build_trainer, draw_so
 from mmfm_jax.jobs.gm_report import METHODS, gm_beats_euler, steps_table
 from mmfm_jax.jobs.train import validate_gm_train
 from mmfm_jax.train.step import mode_gaussian, put_batch
-from mmfm_jax.utils import progress, write_json_atomic
+from mmfm_jax.utils import MetricWriter, progress, write_json_atomic
 
 log = logging.getLogger("mmfm_jax")
 _COMPILER_OPTIONS: dict = {}
@@ -74,12 +74,13 @@ def train_model(cfg, ctx, name: str, head: str, train: dict, src) -> dict[str, A
     state, step_fn, scfg, mdef, mcfg, source, it = build_trainer(c, mesh, name, train, src)
     t0 = time.time()
     losses = []
+    writer = MetricWriter(ctx.path("tb", f"{name}_{head}"))  # one TensorBoard run per model: the curves overlay
     for step in progress(range(1, int(c.train.num_steps) + 1), desc=f"{name}/{head}"):
         state, m = step_fn(state, put_batch(next(it), mesh, scfg), source)
         losses.append(m["loss"])
         if step % 100 == 0:
-            ctx.writer.scalars(step, {f"gm_steps/{name}/{head}/loss": float(np.mean(jax.device_get(losses[-100:])))},
-                               console=False)
+            writer.scalars(step, {"gm_steps/loss": float(np.mean(jax.device_get(losses[-100:])))}, console=False)
+    writer.close()
     it.close()
     final_loss = float(np.mean(jax.device_get(losses[-50:])))
     return dict(ema=state.ema, buffers=state.buffers, mdef=mdef, mcfg=mcfg, source=source, seconds=time.time() - t0,
@@ -149,6 +150,8 @@ def run_gm_steps(cfg, ctx) -> dict[str, Any]:
                 x = np.asarray(parallel.global_to_host(x))[:n_eval]
                 key = "euler_ref" if cfg.gm.ref_steps and r_idx == len(runs) - 1 else method
                 fd[name].setdefault(key, {})[str(n_steps)] = score(clf, ref_stats, x)
+                log.info("demo gm_steps: %s, %s, N = %d: FD %.3f", SETTING_LABELS.get(name, name), key, n_steps,
+                         fd[name][key][str(n_steps)]["fd"])
                 if n_steps == 4 and key != "euler_ref":
                     shown[f"{name}/{method}"] = x[:16]
             eval_s += time.time() - t0
@@ -161,10 +164,14 @@ def run_gm_steps(cfg, ctx) -> dict[str, Any]:
         ctx.path("report.md").write_text(markdown(cfg, res))
         write_json_atomic(ctx.path("gm_steps.json"), {k: v for k, v in res.items() if k != "table"})
         if shown:
-            from PIL import Image
+            from mmfm_jax.jobs.demo_report import titled_grids
 
-            rows = [digits.image_grid(digits.to_images(v), cols=16) for v in shown.values()]
-            Image.fromarray(np.concatenate(rows, axis=0)).save(ctx.path("samples_gm_steps.png"))
+            panels = [("real digits (training split)", digits.image_grid(digits.to_images(train["latent"][:16]),
+                                                                          cols=16))]
+            panels += [(f"{SETTING_LABELS.get(k.split('/')[0], k)}: {k.split('/')[1]}, N = 4",
+                        digits.image_grid(digits.to_images(v), cols=16)) for k, v in shown.items()]
+            titled_grids(ctx.path("samples_gm_steps.png"), panels, "Samples at N = 4 model evaluations",
+                         rows=len(panels))
     res["files"] = ["report.md", "gm_steps.json"] + (["samples_gm_steps.png"] if shown else [])
     res["samples_png_rows"] = list(shown)
     return res

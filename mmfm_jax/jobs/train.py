@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mmfm_jax import parallel
-from mmfm_jax.config_utils import ConfigError, check, check_choice, validate_base
+from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.flow.gmflow import validate_gm_source
 from mmfm_jax.flow.time import TIME_KINDS, resolution_shift
@@ -33,6 +33,7 @@ from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from mmfm_jax.train.optim import optimizer_from_config
 from mmfm_jax.train.sampling import model_config
+from mmfm_jax.train.preview import make_preview
 from mmfm_jax.train.state import param_count, state_initializer
 from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
 from mmfm_jax.utils import parse_compiler_options, progress
@@ -59,10 +60,7 @@ class NonFiniteError(RuntimeError):
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     validate_base(cfg)
-    try:
-        mcfg = model_config(cfg)
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
+    mcfg = checked_model_config(cfg)
     check_choice(cfg, "data.kind", ("latents", "synthetic"))
     if cfg.data.kind == "latents":
         check(cfg, "data.path", lambda v: bool(v), "must name a latent dataset folder (from the encode job)")
@@ -101,11 +99,25 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.adaptive.enabled and cfg.adaptive.weight_by == "mode":
         check(cfg, "adaptive.enabled", lambda v: cfg.source.kind != "gaussian",
               "weighting by mode needs a GMM source (set adaptive.enabled=False or weight_by='label')")
+    if "preview" in cfg:
+        check(cfg, "preview.every_steps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = off)")
+        check_positive(cfg, "preview.num_samples")
+        check(cfg, "preview.num_points", lambda v: isinstance(v, int) and v >= 2, "must be an int >= 2")
     check(cfg, "checkpoint.every_steps", lambda v: v > 0, "must be > 0")
     check(cfg, "checkpoint.keep", lambda v: v > 0, "must be > 0")
     if mcfg.head == "gm":
         check(cfg, "train.gm_weight_scale", lambda v: v > 0, "must be > 0")
         validate_gm_train(cfg.source.kind, cfg.source.y_from, cfg.train.gm_trans_ratio)
+
+
+def checked_model_config(cfg: ml_collections.ConfigDict) -> DiTDHConfig:
+    """``model_config(cfg)``; a bad field raises ``ConfigError`` naming ``config.model.<field>``."""
+    try:
+        return model_config(cfg)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise ConfigError(msg.replace("DiTDHConfig.", "config.model.", 1) if msg.startswith("DiTDHConfig.")
+                          else f"config.model: {msg}") from None
 
 
 def validate_gm_train(source_kind: str, y_from: str, trans_ratio: float) -> None:
@@ -243,6 +255,9 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
     log.info("train: %s params, batch %d (%d micro-batches), %s source, y=%s, shift %.4f, steps %d -> %d",
              f"{n_params:,}", G, t.grad_accum_steps, scfg.source_kind, scfg.y_from, scfg.shift, start, t.num_steps)
 
+    pv = cfg.get("preview")
+    preview = (make_preview(mdef, mcfg, scfg, mesh, tuple(ds.latent_shape), pv.num_samples, pv.num_points, cfg.seed)
+               if pv is not None and pv.every_steps > 0 else None)
     guard = PreemptionGuard()
     config_dict = cfg.to_dict()
     step, window, pending = start, [], None
@@ -299,6 +314,8 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
             stop = check_now and guard.should_stop()
             if step % cfg.checkpoint.every_steps == 0 or step == t.num_steps or stop:
                 ckpt.save(step, state, latents_lib.iterator_state_bytes(it), config_dict)
+            if preview is not None and step % pv.every_steps == 0:  # sample grid of the EMA model
+                ctx.writer.image("train/samples", step, preview(state, source))
             if stop:
                 preempted = True
                 log.warning("preempted: checkpoint saved at step %d; exiting", step)

@@ -110,8 +110,9 @@ class DiTDHConfig:
         for f in ("hidden_size", "depth", "num_heads"):
             if len(getattr(self, f)) != 2:
                 bad(f, "must be a pair (s-branch, head)")
-        if any(d <= 0 for d in self.depth):
-            bad("depth", "both depths must be > 0")
+        for f in ("hidden_size", "depth", "num_heads"):
+            if any(d <= 0 for d in getattr(self, f)):
+                bad(f, "both entries must be > 0")
         for i in range(2):
             if self.hidden_size[i] % self.num_heads[i]:
                 bad("num_heads", f"does not divide hidden_size {self.hidden_size}")
