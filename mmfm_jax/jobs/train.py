@@ -32,8 +32,8 @@ from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
 from mmfm_jax.train.adaptive import adaptive_from_config
 from mmfm_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from mmfm_jax.train.optim import optimizer_from_config
-from mmfm_jax.train.sampling import model_config
 from mmfm_jax.train.preview import make_preview
+from mmfm_jax.train.sampling import model_config
 from mmfm_jax.train.state import param_count, state_initializer
 from mmfm_jax.train.step import StepConfig, check_batch_geometry, make_train_step, put_batch
 from mmfm_jax.utils import parse_compiler_options, progress
