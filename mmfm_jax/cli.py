@@ -67,6 +67,8 @@ def run(argv: list[str] | None = None) -> None:
     config_flag = config_flags.DEFINE_config_file("config", default_config_path(module),
                                                   f"config file for the {job} job", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", f"runs/{job}", "output folder of the job")
+    if hasattr(module, "define_flags"):  # job-specific flags (plan: --topology, ...)
+        module.define_flags()
 
     def main(_):
         setup_logging()
@@ -74,7 +76,8 @@ def run(argv: list[str] | None = None) -> None:
         if cfg is None:
             raise app.UsageError(f"{job}: --config is required")
         try:
-            summary = run_job(job, cfg, workdir_flag.value)
+            runner = getattr(module, "run_cli", None)  # a job that builds no local mesh / workdir context (plan)
+            summary = runner(cfg, workdir_flag.value) if runner else run_job(job, cfg, workdir_flag.value)
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

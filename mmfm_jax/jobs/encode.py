@@ -77,19 +77,27 @@ def build_encoder(cfg: ml_collections.ConfigDict) -> Dinov2:
                        image_sizes=(int(cfg.data.image_size),))
 
 
-def make_encode_step(model: Dinov2, mesh, image_size: int):
-    """jit over the mesh: uint8 crops [B, S, S, 3] + flip [B] -> (raw latent [B, L, D], cls [B, D]) batch-sharded."""
+def encode_program(graphdef, mesh, image_size: int):
+    """The jitted step ``(state, uint8 crops [B, S, S, 3], flip [B]) -> (raw latent [B, L, D], cls [B, D])``,
+    batch-sharded (the ``plan`` job compiles it with abstract inputs)."""
     from flax import nnx
 
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, parallel.replicated(mesh))
     out_sh = (parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 2))
 
     def step(state, images, flip):
         m = nnx.merge(graphdef, state)
         return encode_mmfm(m, mmfm_pixels(images, image_size, flip))
 
-    step_sh = jax.jit(step, out_shardings=out_sh)
+    return jax.jit(step, out_shardings=out_sh)
+
+
+def make_encode_step(model: Dinov2, mesh, image_size: int):
+    """jit over the mesh: uint8 crops [B, S, S, 3] + flip [B] -> (raw latent [B, L, D], cls [B, D]) batch-sharded."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    step_sh = encode_program(graphdef, mesh, image_size)
     return lambda images, flip: step_sh(state, images, flip)
 
 
