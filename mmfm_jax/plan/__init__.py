@@ -75,10 +75,12 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, workdir: str | Path | No
     log(f"plan {job} on {topo.name} ({topo.libtpu_name}{f' x {topo.num_slices} slices' if topo.num_slices > 1 else ''}"
         f", {len(devices)} chips of {devices[0].device_kind}), mesh {dict(mesh.shape)}")
     progs, build = _programs(job, cfg, mesh, n_samples)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     reports = []
     for p in progs:
         log(f"compiling {p.name} ...")
-        reports.append(analyze(p, chip))
+        reports.append(analyze(p, chip, hlo_dir=workdir))
     summary: dict[str, Any] = dict(
         job="plan", planned_job=job, topology=topo.name, libtpu_topology=topo.libtpu_name, num_slices=topo.num_slices,
         num_chips=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
@@ -96,7 +98,6 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, workdir: str | Path | No
     if workdir is not None:
         from mmfm_jax.utils import write_json_atomic
 
-        Path(workdir).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(workdir) / "summary.json", summary)
     log(format_report(summary))
     return summary

@@ -18,6 +18,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mmfm_jax.plan.topology import Chip, GiB
@@ -254,8 +255,28 @@ def loop_extra(hlo: str) -> tuple[float, float]:
         for _, typ, op, operands, attrs in instrs:
             flops += extra * _dot_flops(op, typ, operands, attrs, types)
             if name in outer and op not in _NO_TRAFFIC:
-                nbytes += extra * (shape_bytes(typ) + sum(shape_bytes(types.get(o, "")) for o in operands))
+                sizes = [shape_bytes(types.get(o, "")) for o in operands]
+                if _uses(op, attrs, comps, "dynamic-slice"):  # reads a slice of its operands (a row per pass)
+                    sizes = [min(x, shape_bytes(typ)) for x in sizes]
+                if _in_place(op, attrs, comps) and typ in [types.get(o) for o in operands]:
+                    # an in-place update of a buffer (e.g. a scatter row by row): only the update moves
+                    i = [types.get(o) for o in operands].index(typ)
+                    nbytes += extra * 2 * (sum(sizes) - sizes[i])
+                else:
+                    nbytes += extra * (shape_bytes(typ) + sum(sizes))
     return flops, nbytes
+
+
+def _uses(op: str, attrs: str, comps: dict[str, list[str]], *kinds: str) -> bool:
+    """Whether the instruction is, or is a fusion containing, one of the opcodes ``kinds``."""
+    if op in kinds:
+        return True
+    m = re.search(r"calls=%?([\w.\-]+)", attrs) if op == "fusion" else None
+    return bool(m) and any(f" {k}(" in ln for ln in comps.get(m.group(1), []) for k in kinds)
+
+
+def _in_place(op: str, attrs: str, comps: dict[str, list[str]]) -> bool:
+    return _uses(op, attrs, comps, "dynamic-update-slice", "scatter")
 
 
 def _cost(compiled) -> dict[str, float]:
@@ -265,8 +286,9 @@ def _cost(compiled) -> dict[str, float]:
     return dict(ca or {})
 
 
-def analyze(prog: Program, chip: Chip) -> dict[str, Any]:
-    """Lower and compile ``prog`` for the topology its arguments live on; -> the report dict (see module doc)."""
+def analyze(prog: Program, chip: Chip, hlo_dir: Any = None) -> dict[str, Any]:
+    """Lower and compile ``prog`` for the topology its arguments live on; -> the report dict (see module doc).
+    ``hlo_dir``: also write the compiled HLO there as ``<program>.hlo.txt``."""
     t0 = time.perf_counter()
     try:
         compiled = prog.fn.lower(*prog.args, **prog.kwargs).compile()
@@ -284,6 +306,8 @@ def analyze(prog: Program, chip: Chip) -> dict[str, Any]:
     flops_counted = float(cost.get("flops", 0.0))
     bytes_counted = float(cost.get("bytes accessed", 0.0))
     hlo = compiled.as_text()
+    if hlo_dir is not None:
+        Path(hlo_dir, f"{prog.name}.hlo.txt").write_text(hlo)
     extra_flops, extra_bytes = loop_extra(hlo)
     flops, nbytes = flops_counted + extra_flops, bytes_counted + extra_bytes
     t_compute, t_memory = flops / chip.peak_bf16_flops, nbytes / chip.hbm_bandwidth
