@@ -220,11 +220,15 @@ def _dot_flops(op: str, typ: str, operands: list[str], attrs: str, types: dict[s
             k *= lhs[int(i)] if int(i) < len(lhs) else 1
         return 2.0 * out * k
     if op == "convolution" and len(operands) > 1:
+        # contraction = input features x window taps; batched matmuls written as convolutions over batch
+        # "windows" (lhs dilation or kernel reversal) contract over the features only
         kernel = _dims(types.get(operands[1], ""))
         m = re.search(r"dim_labels=\w+_(\w+)->", attrs)
+        window = re.search(r"window=\{([^}]*)\}", attrs)
+        trick = bool(window) and ("lhs_dilate" in window.group(1) or "rhs_reversal" in window.group(1))
         k = 1
         for i, label in enumerate(m.group(1) if m else ""):
-            if label != "o" and i < len(kernel):
+            if i < len(kernel) and (label == "i" or (label not in "io" and not trick)):
                 k *= kernel[i]
         return 2.0 * out * k
     return 0.0
