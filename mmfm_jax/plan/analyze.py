@@ -262,10 +262,11 @@ def loop_extra(hlo: str) -> tuple[float, float]:
                 sizes = [shape_bytes(types.get(o, "")) for o in operands]
                 if _uses(op, attrs, comps, "dynamic-slice"):  # reads a slice of its operands (a row per pass)
                     sizes = [min(x, shape_bytes(typ)) for x in sizes]
-                if _in_place(op, attrs, comps) and typ in [types.get(o) for o in operands]:
-                    # an in-place update of a buffer (e.g. a scatter row by row): only the update moves
-                    i = [types.get(o) for o in operands].index(typ)
-                    nbytes += extra * 2 * (sum(sizes) - sizes[i])
+                out_shapes = set(_SHAPE.findall(typ))  # (dtype, dims), layouts ignored
+                updated = [bool(set(_SHAPE.findall(types.get(o, ""))) & out_shapes) for o in operands]
+                if _in_place(op, attrs, comps) and any(updated):
+                    # an in-place update of a buffer (a stacked gradient, a scatter row by row): only the update moves
+                    nbytes += extra * 2 * sum(sz for sz, u in zip(sizes, updated) if not u)
                 else:
                     nbytes += extra * (shape_bytes(typ) + sum(sizes))
     return flops, nbytes
