@@ -240,6 +240,8 @@ def run(argv: list[str] | None = None) -> None:
     module = importlib.import_module(JOBS[job])
     if hasattr(module, "main"):  # a job with its own flags
         raise SystemExit(module.main(args) or 0)
+    if hasattr(module, "define_flags"):  # job-specific absl flags (plan: --topology, ...)
+        module.define_flags()
     try:
         parsed = parse_job_args(job, args, default_config_spec(module))
         if parsed.help:
@@ -258,7 +260,8 @@ def run(argv: list[str] | None = None) -> None:
     flags.FLAGS([PROG, *parsed.absl])  # library flags (and marks absl parsed: grain's worker processes need it)
     setup_logging()
     try:
-        summary = run_job(job, cfg, parsed.workdir)
+        runner = getattr(module, "run_cli", None)  # a job that builds no local mesh / workdir context (plan)
+        summary = runner(cfg, parsed.workdir) if runner else run_job(job, cfg, parsed.workdir)
     except ConfigError as e:
         _fail(job, e)
     if summary is not None and jax.process_index() == 0:

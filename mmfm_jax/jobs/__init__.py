@@ -10,5 +10,6 @@ JOBS: dict[str, str] = {
     "fit-gmm": "mmfm_jax.jobs.fit_gmm",
     "sample": "mmfm_jax.jobs.sample",
     "evaluate": "mmfm_jax.jobs.evaluate",
+    "plan": "mmfm_jax.jobs.plan",
 }
 

@@ -85,21 +85,30 @@ def build_encoder(cfg: ml_collections.ConfigDict):
                         local_files_only=cfg.encoder.local_files_only, image_size=int(cfg.data.image_size))
 
 
-def make_encode_step(model, mesh, image_size: int, name: str = "dinov2_b"):
-    """jit over the mesh: uint8 crops [B, S, S, 3] + flip [B] -> (raw latent [B, L, D], global descriptor [B, D])
-    batch-sharded, with the ``name`` encoder's pixel mean/std and outputs."""
+def encode_program(graphdef, mesh, image_size: int, name: str = "dinov2_b"):
+    """The jitted step ``(state, uint8 crops [B, S, S, 3], flip [B]) -> (raw latent [B, L, D], global descriptor
+    [B, D])``, batch-sharded, with the ``name`` encoder's pixel mean/std and outputs (the ``plan`` job compiles it
+    with abstract inputs)."""
     from flax import nnx
 
     spec = encoders.get(name)
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, parallel.replicated(mesh))
     out_sh = (parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 2))
 
     def step(state, images, flip):
         m = nnx.merge(graphdef, state)
         return spec.encode(m, mmfm_pixels(images, image_size, flip, spec.mean, spec.std))
 
-    step_sh = jax.jit(step, out_shardings=out_sh)
+    return jax.jit(step, out_shardings=out_sh)
+
+
+def make_encode_step(model, mesh, image_size: int, name: str = "dinov2_b"):
+    """jit over the mesh: uint8 crops [B, S, S, 3] + flip [B] -> (raw latent [B, L, D], global descriptor [B, D])
+    batch-sharded (:func:`encode_program` with the model's state replicated)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    step_sh = encode_program(graphdef, mesh, image_size, name)
     return lambda images, flip: step_sh(state, images, flip)
 
 

@@ -223,4 +223,5 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
     def call(main_state, guide_state, src, dec_state, indices, seed: int = int(cfg.seed)):
         return jitted(main_state, guide_state, src, dec_state, indices, np.int32(seed))
 
+    call.jitted = jitted  # the compiled program itself, seed an int32 argument (the planner lowers it abstractly)
     return call, grid
