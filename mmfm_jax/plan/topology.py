@@ -128,16 +128,19 @@ def topology_devices(topo: Topology) -> list[Any]:
 
 
 def plan_mesh(mesh_cfg: Any, topo: Topology, devices: list[Any]):
-    """``parallel.make_mesh(config.mesh)`` over the topology's devices. With several slices the outer ``data`` axis
-    spans them (devices are slice-major), so it must be a multiple of the slice count. Raises ``ValueError``
-    naming both sizes when the mesh does not fit the topology."""
+    """``parallel.make_mesh(config.mesh)`` over the topology's devices. With several slices the ``dcn_data`` axis
+    spans them (``config.mesh.dcn_data``, default: the slice count; it must equal the slice count). Raises
+    ``ValueError`` naming both sizes when the mesh does not fit the topology."""
     from mmfm_jax import parallel
 
+    shape = {k: int(mesh_cfg.get(k, 1)) for k in parallel.MESH_AXES} if mesh_cfg is not None else {}
+    if topo.num_slices > 1 and shape.get("dcn_data", 1) == 1:
+        shape["dcn_data"] = topo.num_slices
+    if topo.num_slices > 1 and shape["dcn_data"] != topo.num_slices:
+        raise ValueError(f"config.mesh.dcn_data = {shape['dcn_data']} but topology {topo.name} has "
+                         f"{topo.num_slices} slices (the dcn_data axis spans the slices)")
     try:
-        mesh = parallel.make_mesh(mesh_cfg, devices)
+        mesh = parallel.make_mesh(shape or None, devices)
     except ValueError as e:
         raise ValueError(f"config.mesh does not fit topology {topo.name} ({len(devices)} chips): {e}") from None
-    if topo.num_slices > 1 and mesh.shape["data"] % topo.num_slices:
-        raise ValueError(f"config.mesh.data = {mesh.shape['data']} is not a multiple of the {topo.num_slices} slices "
-                         f"of {topo.name} (the data axis spans the slices over DCN)")
     return mesh
