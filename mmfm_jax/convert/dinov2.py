@@ -21,7 +21,7 @@ from flax import nnx
 
 from mmfm_jax.convert.common import CheckpointError, KeyTracker
 from mmfm_jax.models.dinov2 import Dinov2, Dinov2Config
-from mmfm_jax.utils import dtype_from_name
+from mmfm_jax.utils import as_path, dtype_from_name, is_local
 
 _BASE_PREFIXES = ("dinov2_with_registers.", "dinov2.")
 
@@ -132,6 +132,10 @@ def build_dinov2(params: dict[str, Any], cfg: Dinov2Config, image_sizes: tuple[i
 
 
 def _resolve_dir(path_or_repo_id: str | os.PathLike, local_files_only: bool) -> Path:
+    if not is_local(path_or_repo_id):  # a gs:// folder, read through epath
+        if not as_path(path_or_repo_id).is_dir():
+            raise CheckpointError(f"load_dinov2: {path_or_repo_id} is not a folder")
+        return as_path(path_or_repo_id)
     p = Path(path_or_repo_id).expanduser()
     if p.is_dir():
         return p
@@ -152,8 +156,10 @@ def _resolve_dir(path_or_repo_id: str | os.PathLike, local_files_only: bool) -> 
 
 def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
     """``model.safetensors`` (or the shards listed in ``model.safetensors.index.json``) -> ``{key: ndarray}``."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
+    if not is_local(d):  # gs://: read the bytes through epath
+        load_file = lambda f: load(as_path(f).read_bytes())  # noqa: E731
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     try:
         if single.exists():

@@ -6,25 +6,26 @@ import dataclasses
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from jax.sharding import Mesh
 
 from mmfm_jax import parallel
-from mmfm_jax.utils import MetricWriter, write_json_atomic
+from mmfm_jax.utils import MetricWriter, as_path, check_store, write_json_atomic
 
 log = logging.getLogger("mmfm_jax")
 
 
 @dataclasses.dataclass
 class JobContext:
-    """Workdir layout: ``config.json``, ``summary.json``, ``tb/`` (TensorBoard), job-specific folders."""
+    """Workdir layout: ``config.json``, ``summary.json``, ``tb/`` (TensorBoard), job-specific folders; ``workdir`` is
+    an ``epath.Path`` (a local folder or a ``gs://`` URI)."""
 
     job: str
-    workdir: Path
+    workdir: epath.Path
     mesh: Mesh
     writer: MetricWriter
     t0: float = dataclasses.field(default_factory=time.time)
@@ -33,7 +34,7 @@ class JobContext:
     def is_main(self) -> bool:
         return jax.process_index() == 0
 
-    def path(self, *parts: str) -> Path:
+    def path(self, *parts: str) -> epath.Path:
         return self.workdir.joinpath(*parts)
 
     def write_summary(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -62,11 +63,13 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | Path) -> JobContext:
-    """Initialise multi-host, build the mesh, create the workdir, write ``config.json``, open the writer."""
+def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> JobContext:
+    """Initialise multi-host, build the mesh, create the workdir (local or ``gs://``; a missing or unreachable bucket
+    fails here, naming the URI), write ``config.json``, open the writer."""
+    check_store(workdir, "--workdir")
     parallel.maybe_initialize_distributed(cfg)
     mesh = parallel.mesh_from_config(cfg)
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(workdir / "config.json", cfg.to_dict())

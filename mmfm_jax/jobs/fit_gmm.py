@@ -13,8 +13,8 @@ With ``import_official.cls_pkl`` / ``.spatial_pkl`` set, the official pickles ar
 from __future__ import annotations
 
 import logging
+import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from mmfm_jax.gmm import diag, em, spatial
 from mmfm_jax.gmm import io as gmm_io
 from mmfm_jax.gmm.precision import FUSED_BF16X3, step_precisions
 from mmfm_jax.gmm.source import ModeSource, save_source
+from mmfm_jax.utils import as_path, load_npz
 
 DEFAULT_CONFIG = "fit_gmm.py:tiny"
 log = logging.getLogger("mmfm_jax")
@@ -66,7 +67,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_cls(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cls(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """All un-flipped [CLS] vectors in image-index order -> (cls [N, D] fp32, image index [N]).
 
     Only a finished dataset is read (manifest ``complete``; an EM over a half-encoded dataset would fit the wrong
@@ -74,11 +75,11 @@ def read_cls(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     listed shard has one whose row count matches (no latent decoding), else from the records. Every process reads
     all of them (1.28M x 768 fp32 = 3.9 GB); ``em.fit`` places each device's rows.
     """
-    directory = Path(directory)
+    directory = as_path(directory)
     ds = latents_lib.LatentShards(directory)  # raises unless the manifest is complete and every shard is there
     shards = ds.manifest["shards"]
     side = [directory / f"cls-{int(sh['id']):05d}.npz" for sh in shards]
-    parts = [np.load(p) for p in side] if all(p.exists() for p in side) else None
+    parts = [load_npz(p) for p in side] if all(p.exists() for p in side) else None
     if parts is not None and any(len(p["index"]) != int(sh["count"]) for p, sh in zip(parts, shards)):
         log.warning("fit-gmm: [CLS] sidecars in %s do not match the shards' counts: reading the records", directory)
         parts = None
@@ -96,8 +97,7 @@ def read_cls(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[diag.DiagGMM, dict]:
     g = cfg.gmm
     state_dir = ctx.path("em_state")
-    resumable = (state_dir / "metadata.json").exists() or (Path(f"{state_dir}.old") / "metadata.json").exists()
-    state = gmm_io.load_em_state(state_dir, mesh=ctx.mesh) if resumable else None
+    state = gmm_io.load_em_state(state_dir, mesh=ctx.mesh) if gmm_io.has_em_state(state_dir) else None
     if state is not None:
         log.info("fit-gmm: resuming EM at iteration %d", int(state.iteration))
     from mmfm_jax.utils import progress

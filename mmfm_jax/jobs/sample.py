@@ -31,10 +31,11 @@ and scale w is written to ``samples/scale_<w>/`` (``samples_scale_<w>.npz``, ``g
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -59,7 +60,7 @@ from mmfm_jax.jobs.sample_gm import (
 )
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
 from mmfm_jax.train.step import mode_gaussian
-from mmfm_jax.utils import parse_compiler_options, progress
+from mmfm_jax.utils import as_path, load_npz, parse_compiler_options, progress, save_npz_atomic, write_bytes_atomic
 
 DEFAULT_CONFIG = "sample.py:tiny"
 log = logging.getLogger("mmfm_jax")
@@ -101,7 +102,7 @@ def _pure_shardings(mesh, abstract_state, rules):
     return nnx.to_pure_dict(parallel.state_shardings(mesh, abstract_state, rules))
 
 
-def restore_train_ema(workdir: str | Path, mesh, rules: Any = None, dtype: str | None = None, step: int = -1
+def restore_train_ema(workdir: str | os.PathLike, mesh, rules: Any = None, dtype: str | None = None, step: int = -1
                       ) -> tuple[nnx.GraphDef, Any, DiTDHConfig, int]:
     """EMA parameters (+ buffers) of a training run's checkpoint, restored onto ``mesh`` with the model's logical
     shardings (Orbax partial restore: the optimizer state is never read). ``step=-1``: the newest step that
@@ -113,7 +114,7 @@ def restore_train_ema(workdir: str | Path, mesh, rules: Any = None, dtype: str |
 
     from mmfm_jax.jobs.train import model_config
 
-    workdir = Path(workdir).absolute()
+    workdir = as_path(workdir)  # local or gs://
     train_cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     mcfg = model_config(train_cfg)
     if dtype is not None:
@@ -253,7 +254,7 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
     return jitted, grid
 
 
-def _todo_shards(outs: list[Path], n_shards: int) -> list[int]:
+def _todo_shards(outs: list[Any], n_shards: int) -> list[int]:
     todo = [s for s in range(n_shards) if not all((o / f"images-{s:05d}.npz").exists() for o in outs)]
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -341,9 +342,8 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
             arr = np.concatenate(imgs)
             for j, o in enumerate(outs):
                 a = arr[:, j] if sweep else arr
-                tmp = o / f".images-{s:05d}.tmp.npz"
-                np.savez(tmp, arr_0=a, index=np.arange(lo, hi), mode=np.concatenate(modes))
-                tmp.replace(o / f"images-{s:05d}.npz")
+                save_npz_atomic(o / f"images-{s:05d}.npz", arr_0=a, index=np.arange(lo, hi),
+                                mode=np.concatenate(modes))
                 if s == 0 and cfg.output.png_grid and decoder is not None:
                     _write_grid(ctx.path(f"grid_{tags[j]}.png" if sweep else "grid.png"), a[:64])
         parallel.sync(f"sample_shard_{s}")
@@ -358,15 +358,15 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     if cfg.output.merge_npz and ctx.is_main and decoder is not None:
         merged = []
         for j, o in enumerate(outs):
-            arrs = [np.load(o / f"images-{s:05d}.npz")["arr_0"] for s in range(n_shards)]
+            arrs = [load_npz(o / f"images-{s:05d}.npz")["arr_0"] for s in range(n_shards)]
             path = ctx.path(f"samples_{tags[j]}.npz" if sweep else "samples.npz")
-            np.savez(path, arr_0=np.concatenate(arrs))
+            save_npz_atomic(path, arr_0=np.concatenate(arrs))
             merged.append(str(path))
         summary["merged"] = merged if sweep else merged[0]
     return summary
 
 
-def _write_grid(path: Path, images: np.ndarray, cols: int = 8) -> None:
+def _write_grid(path: Any, images: np.ndarray, cols: int = 8) -> None:
     from PIL import Image
 
     n, h, w, c = images.shape
@@ -375,4 +375,6 @@ def _write_grid(path: Path, images: np.ndarray, cols: int = 8) -> None:
     for i, im in enumerate(images):
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())

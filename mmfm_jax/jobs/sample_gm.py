@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from mmfm_jax.flow.gm_ops import GM
 from mmfm_jax.flow.samplers import euler_grid
 from mmfm_jax.flow.time import resolution_shift
 from mmfm_jax.models.ditdh import DiTDHConfig
+from mmfm_jax.utils import as_path
 
 SOLVERS = ("euler", "gm_ode", "gm_sde")
 
@@ -27,7 +27,7 @@ def peek_model_config(spec: ml_collections.ConfigDict) -> DiTDHConfig | None:
     when it cannot be read yet (checked again after loading)."""
     if spec.kind != "train" or not spec.workdir:
         return None
-    path = Path(spec.workdir) / "config.json"
+    path = as_path(spec.workdir) / "config.json"
     if not path.is_file():
         return None
     from mmfm_jax.jobs.train import model_config
