@@ -90,3 +90,29 @@ def test_tensorboard_reaches_gcs_at_each_flush(gcs_dir, tmp_path):
     w.close()
     copy_tree(f"{gcs_dir}/tb", tmp_path / "tb2")
     assert _tb_scalars(tmp_path / "tb2")["a"] == [(1, 1.0), (2, 3.0)] and not os.path.exists(stage)
+
+
+def test_latent_shards_on_gcs(gcs_dir, tmp_path, monkeypatch):
+    from mmfm_jax.data import latents as lt
+
+    monkeypatch.setenv("MMFM_CACHE_DIR", str(tmp_path / "cache"))
+    r = np.random.default_rng(0)
+    ex = [{"latent": r.normal(size=(5, 4, 3)).astype(np.float32), "cls": r.normal(size=(5, 2)).astype(np.float32),
+           "index": np.arange(5) + 5 * s} for s in range(2)]
+    w = lt.LatentShardWriter(f"{gcs_dir}/lat", (4, 3), "float32", cls_dim=2, num_shards=3)
+    for s in range(2):
+        w.write_shard(s, ex[s])
+    # skip-finished-shards and the stale-temp cleanup see what they see on disk (no temp object is ever written)
+    assert w.finished_shards() == [0, 1] and w.cleanup_stale() == []
+    assert not lt.LatentShards(f"{gcs_dir}/lat", allow_incomplete=True).manifest["complete"]
+    w.write_shard(2, ex[0])
+    w.finalize({"var": np.ones((4, 3), np.float32)})
+    ds = lt.LatentShards(f"{gcs_dir}/lat")
+    got = ds.fetch(np.arange(10))
+    np.testing.assert_array_equal(got["latent"], np.concatenate([e["latent"] for e in ex]))
+    np.testing.assert_array_equal(ds.stats["var"], np.ones((4, 3)))
+    cached = sorted(os.listdir(next((tmp_path / "cache").iterdir())))
+    assert len(cached) == 3 and all(n.startswith("shard-0000") for n in cached)
+    assert sorted(p.name for p in as_path(f"{gcs_dir}/lat").iterdir()) == [
+        "manifest.json", "shard-00000.array_record", "shard-00000.json", "shard-00001.array_record",
+        "shard-00001.json", "shard-00002.array_record", "shard-00002.json", "stats.npz"]

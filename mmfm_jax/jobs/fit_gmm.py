@@ -113,6 +113,7 @@ def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[d
         ctx_progress.update(1)
         ctx_progress.set_postfix(ll=f"{lower_bound:.4f}")
         if g.checkpoint_every and it % g.checkpoint_every == 0:
+            ctx.writer.flush()  # the logged iterations are durable before the EM checkpoint that covers them
             gmm_io.save_em_state(state_dir, st)
 
     gmm, info = em.fit(cls, int(g.n_components), mesh=ctx.mesh, seed=int(g.seed), init=g.init,
