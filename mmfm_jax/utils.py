@@ -221,7 +221,7 @@ def list_files(folder: str | os.PathLike) -> list[epath.Path]:
     ``rglob`` on ``gs://``)."""
     folder = as_path(folder)
     if is_local(folder):
-        return sorted(p for p in folder.rglob("*") if p.is_file())
+        return sorted(epath.Path(os.path.join(d, f)) for d, _, names in os.walk(folder) for f in names)
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(os.fspath(folder))
