@@ -1,19 +1,26 @@
-"""Small shared utilities: atomic JSON files, a console + TensorBoard metric writer, progress bars, dtypes."""
+"""Small shared utilities: storage on any store (epath, atomic writes), a console + TensorBoard metric writer,
+progress bars, dtypes."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from mmfm_jax.config_utils import ConfigError
 
 log = logging.getLogger("mmfm_jax")
 
@@ -45,8 +52,38 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Storage: every data location is an ``etils.epath.Path`` (a local path or a ``gs://`` URI).
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``epath.Path`` of a local path (made absolute: Orbax needs that) or a URI (``gs://b/x``, left as is: never
+    ``.absolute()`` a URI, which would turn it into a local ``gs:/b/x``)."""
+    s = os.fspath(path)
+    return epath.Path(s if "://" in s else os.path.abspath(s))
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """True for a path on a local (POSIX) file system, False for an object-store URI such as ``gs://``."""
+    return "://" not in os.fspath(path)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+FILE_MODE = 0o666 & ~_umask()  # what ``open(path, 'w')`` gives (0644 under the usual umask 022)
+
+
 def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a finished (closed) file's data to disk: call before renaming it into place."""
+    """Flush a finished (closed) local file's data to disk: call before renaming it into place."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,7 +92,10 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist renames in a folder (best effort: some file systems refuse to fsync a directory)."""
+    """Persist renames in a local folder (best effort: some file systems refuse to fsync a directory; a no-op on an
+    object store, which has no folders)."""
+    if not is_local(path):
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -68,81 +108,226 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _temp_beside(path: Path, suffix: str) -> str:
-    """A new hidden temp file ``.<name>.<random><suffix>`` in ``path``'s folder (TEMP_GLOB matches it)."""
+def _temp_beside(path: epath.Path, suffix: str) -> str:
+    """A new hidden temp file ``.<name>.<random><suffix>`` in local ``path``'s folder (TEMP_GLOB matches it), with
+    the mode a plain ``open`` would give (``mkstemp`` makes 0600 files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     return tmp
 
 
-TEMP_GLOB = ".*.tmp*"  # what the atomic writers leave behind if killed before the rename
+TEMP_GLOB = ".*.tmp*"  # what the atomic writers leave behind if killed before the rename (local disks only)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temp file in the same folder, flush it to disk, then rename: readers never see half a file,
-    and a file that marks work as finished survives a crash or power loss."""
-    path = Path(path)
+def publish_file(local_file: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished local file to ``path`` atomically: on a local disk fsync + rename (``local_file`` must be on
+    the same file system, e.g. from :func:`_temp_beside`); on an object store one upload to the final name (an
+    object appears whole or not at all), then ``local_file`` is removed."""
+    path = as_path(path)
+    if is_local(path):
+        fsync_file(local_file)
+        os.replace(local_file, path)
+        return
+    try:
+        epath.Path(os.fspath(local_file)).copy(path, overwrite=True)
+    finally:
+        os.unlink(local_file)
+
+
+def local_temp_for(path: str | os.PathLike, suffix: str = ".tmp") -> str:
+    """A local temp file to build ``path`` in before :func:`publish_file`: beside it on a local disk, in the system
+    temp folder for an object store."""
+    path = as_path(path)
+    if is_local(path):
+        return _temp_beside(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f"mmfm-{path.name}.", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Readers never see half a file, and a file that marks work as finished survives a crash or power loss: on a
+    local disk a temp file in the same folder, fsync, rename; on an object store one upload of the final name."""
+    path = as_path(path)
+    if not is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return
     tmp = _temp_beside(path, ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """JSON (indent 2) written with :func:`write_bytes_atomic`."""
+    write_bytes_atomic(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
+
+
 def save_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
-    """``np.savez`` to a temp file in the same folder, fsync, rename: ``path`` is either absent or complete."""
-    path = Path(path)
-    tmp = _temp_beside(path, ".tmp.npz")
-    np.savez(tmp, **arrays)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    """``np.savez`` to a local temp file, then :func:`publish_file`: ``path`` is either absent or complete."""
+    tmp = local_temp_for(path, ".tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    publish_file(tmp, path)
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(as_path(path).read_text())
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (local or ``gs://``) as a dict (no pickles)."""
+    with as_path(path).open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
+    """A local file or folder name for libraries that only open local paths (torch, safetensors, hub folders):
+    ``path`` itself when local, else a copy in a temp folder removed on exit."""
+    path = as_path(path)
+    if is_local(path):
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="mmfm-copy-") as d:
+        dst = os.path.join(d, path.name)
+        copy_tree(path, dst)
+        yield dst
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, ...] = ()) -> None:
+    """Copy a file or a folder tree between any two stores; files named in ``last`` (e.g. a ``metadata.json`` that
+    marks a save complete) are copied after every other file of their folder."""
+    src, dst = epath.Path(os.fspath(src)), epath.Path(os.fspath(dst))
+    if not src.is_dir():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.copy(dst, overwrite=True)
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for child in sorted(src.iterdir(), key=lambda p: (p.name in last, p.name)):
+        copy_tree(child, dst / child.name, last)
+
+
+def list_files(folder: str | os.PathLike) -> list[epath.Path]:
+    """Every file under ``folder`` (recursive, sorted). On an object store one recursive listing (epath refuses
+    ``rglob`` on ``gs://``)."""
+    folder = as_path(folder)
+    if is_local(folder):
+        return sorted(epath.Path(os.path.join(d, f)) for d, _, names in os.walk(folder) for f in names)
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(os.fspath(folder))
+    base = base.rstrip("/")
+    return sorted(folder / f[len(base) + 1:] for f in fs.find(base))
+
+
+def check_store(path: str | os.PathLike, what: str) -> None:
+    """Fail fast, in one line naming the URI, when ``path`` is on an object store whose bucket does not exist or
+    cannot be reached (no credentials, access denied). Local paths pass."""
+    s = os.fspath(path)
+    if is_local(s):
+        return
+    scheme, _, rest = s.partition("://")
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    try:
+        ok = epath.Path(bucket).exists()
+        err = "does not exist"
+    except Exception as e:  # noqa: BLE001  (denied, no credentials, unreachable: all reported the same way)
+        ok, err = False, f"cannot be reached ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    if not ok:
+        raise StorageError(f"{what} {s}: bucket {bucket} {err} (or access is denied)")
+
+
+class StorageError(ConfigError):
+    """A storage location given in the config or on the command line cannot be used (missing bucket, no access)."""
 
 
 class MetricWriter:
-    """Scalars to the console (``logging``) and TensorBoard event files (tensorboardX), on process 0 only."""
+    """Scalars to the console (``logging``) and TensorBoard event files, on process 0 only.
 
-    def __init__(self, logdir: str | os.PathLike | None, enabled: bool | None = None):
+    Events are written synchronously with tensorboardX's record writer (its ``SummaryWriter`` queues events to a
+    thread and flushes every 120 s, so ``flush`` would not mean "on disk"). ``flush`` makes everything written so
+    far durable: on a local ``logdir`` the file is flushed; on ``gs://`` (tensorboardX's own GCS writer does not work
+    with our versions) the events are written to a local staging folder and the file is uploaded as one object at
+    every ``flush``, every ``flush_secs`` and at ``close``.
+    """
+
+    def __init__(self, logdir: str | os.PathLike | None, enabled: bool | None = None, flush_secs: float = 120.0):
         self.enabled = (jax.process_index() == 0) if enabled is None else enabled
-        self._tb = None
+        self._ev = None
+        self._remote: epath.Path | None = None
+        self._stage: str | None = None
+        self.flush_secs = float(flush_secs)
+        self._last_flush = time.time()
         if self.enabled and logdir is not None:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
-            self._tb = SummaryWriter(str(logdir))
+            logdir = as_path(logdir)
+            if is_local(logdir):
+                logdir.mkdir(parents=True, exist_ok=True)
+                local = os.fspath(logdir)
+            else:
+                self._remote = logdir
+                self._stage = local = tempfile.mkdtemp(prefix="mmfm-tb-")
+            self._ev = EventsWriter(os.path.join(local, "events"), f".{os.getpid()}")
+
+    def _write(self, step: int, summary: Any) -> None:
+        from tensorboardX.proto import event_pb2
+
+        self._ev.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        if time.time() - self._last_flush > self.flush_secs:
+            self.flush()
 
     def scalars(self, step: int, values: Mapping[str, Any], console: bool = True) -> None:
         if not self.enabled:
             return
         vals = {k: float(np.asarray(v)) for k, v in values.items()}
-        if self._tb is not None:
+        if self._ev is not None:
+            from tensorboardX.summary import scalar
+
             for k, v in vals.items():
-                self._tb.add_scalar(k, v, int(step))
+                self._write(step, scalar(k, v))
         if console:
             log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in vals.items()))
 
     def image(self, tag: str, step: int, image_hwc_uint8: np.ndarray) -> None:
-        if self._tb is not None:
-            self._tb.add_image(tag, np.asarray(image_hwc_uint8), int(step), dataformats="HWC")
+        if self._ev is not None:
+            from tensorboardX.summary import image
+
+            self._write(step, image(tag, np.asarray(image_hwc_uint8), dataformats="HWC"))
 
     def text(self, tag: str, step: int, text: str) -> None:
-        if self._tb is not None:
-            self._tb.add_text(tag, text, int(step))
+        if self._ev is not None:
+            from tensorboardX.summary import text as text_summary
+
+            self._write(step, text_summary(tag, text))
 
     def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
+        """Everything written so far reaches the log folder (local disk or ``gs://``)."""
+        if self._ev is None:
+            return
+        self._ev.flush()
+        self._last_flush = time.time()
+        if self._remote is not None:
+            self._remote.mkdir(parents=True, exist_ok=True)
+            for name in sorted(os.listdir(self._stage)):
+                epath.Path(os.path.join(self._stage, name)).copy(self._remote / name, overwrite=True)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        if self._ev is not None:
+            self.flush()
+            self._ev.close()
+            self._ev = None
+            if self._stage is not None:
+                shutil.rmtree(self._stage, ignore_errors=True)
 
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,

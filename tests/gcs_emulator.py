@@ -18,9 +18,33 @@ import pytest
 BUCKET = "mmfm-test"
 
 
+def _send_generation_headers() -> None:
+    """Downloads from real GCS carry ``x-goog-generation``; the emulator's do not, and tensorstore's OCDBT then fails
+    ("Malformed StorageGeneration") as soon as it re-reads a manifest (any Orbax save of more than one array)."""
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects.download, "_mmfm", False):
+        return
+    plain = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        plain(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # noqa: BLE001  (not found: the plain handler already answered 404)
+            return
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj["metageneration"])
+
+    download._mmfm = True
+    objects.download = download  # objects.get (the JSON API's ?alt=media) looks it up at call time
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     from gcp_storage_emulator.server import create_server
+
+    _send_generation_headers()
 
     port = portpicker.pick_unused_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)

@@ -131,6 +131,10 @@ def test_sigterm_kill9_resume_is_bitwise(tmp_path_factory):
     p.kill()
     p.wait(timeout=60)
     assert sorted(int(d.name) for d in (wd / "checkpoints").iterdir() if d.name.isdigit()) == [3, 4]
+    # kill -9 lost no metric logged before the committed checkpoint 4 (TensorBoard is flushed at each save)
+    got = _tb_scalars(wd / "tb")
+    for k in ("loss", "grad_norm", "lr", "skipped_total", "images_per_s", "mfu"):
+        assert 4 in [st for st, _ in got.get(f"train/{k}", [])], (k, got.get(f"train/{k}"))
     # 3) resume from 4 to the end: bitwise the uninterrupted run (params, EMA, optimizer, adaptive, counters)
     s3 = run_job("train", _cfg(base["source"]), wd)
     assert s3["resumed_from"] == 4 and s3["final_step"] == 6 and s3["fallback_from"] is None

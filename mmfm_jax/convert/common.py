@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from mmfm_jax.utils import as_path, is_local, local_copy
+
 TRUST_PICKLE_ENV = "MMFM_TRUST_PICKLE"
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)  # allowlisted for weights_only loads (plain data holders)
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -150,6 +152,11 @@ def load_state_dict(path: str | os.PathLike, prefix: str = "", prefer_ema: bool 
     ``prefer_ema``), else ``obj['model']`` / ``obj['state_dict']`` if present, else ``obj`` itself, as the official
     loader does; every value of the chosen dict must be a tensor (bf16 -> float32).
     """
+    if not is_local(path):  # gs://...: read from a local copy (torch and safetensors open local files)
+        if not as_path(path).exists():
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        with local_copy(path) as local:
+            return load_state_dict(local, prefix, prefer_ema, trust_pickle=trust_pickle)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint file not found: {path}")

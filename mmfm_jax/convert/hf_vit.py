@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax.convert.common import CheckpointError, KeyTracker, linear
+from mmfm_jax.utils import as_path, is_local
 
 
 def build_module(factory: Callable[[], nnx.Module], params: dict[str, Any]) -> nnx.Module:
@@ -43,7 +44,11 @@ def build_module(factory: Callable[[], nnx.Module], params: dict[str, Any]) -> n
 
 def resolve_hf_dir(path_or_repo_id: str | os.PathLike, local_files_only: bool, who: str = "load_dinov2") -> Path:
     """A local directory as is, or a hub repo id fetched (config.json + safetensors) with ``snapshot_download``;
-    errors start with ``who``."""
+    errors start with ``who``. A ``gs://`` folder is returned as an epath path (read through it)."""
+    if not is_local(path_or_repo_id):
+        if not as_path(path_or_repo_id).is_dir():
+            raise CheckpointError(f"{who}: {path_or_repo_id} is not a folder")
+        return as_path(path_or_repo_id)
     p = Path(path_or_repo_id).expanduser()
     if p.is_dir():
         return p
@@ -64,8 +69,10 @@ def resolve_hf_dir(path_or_repo_id: str | os.PathLike, local_files_only: bool, w
 
 def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
     """``model.safetensors`` (or the shards listed in ``model.safetensors.index.json``) -> ``{key: ndarray}``."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
+    if not is_local(d):  # gs://: read the bytes through epath
+        load_file = lambda f: load(as_path(f).read_bytes())  # noqa: E731
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     try:
         if single.exists():

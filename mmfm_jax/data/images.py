@@ -25,9 +25,11 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from mmfm_jax.data.preprocess import center_crop_arr
+from mmfm_jax.utils import as_path, is_local
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +48,20 @@ class ImageFolderSource:
     directory walk, extensions as torchvision's ``ImageFolder`` (so labels match it and TFDS ``imagenet2012``)."""
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS):
-        self.root = Path(root)
+        self.root = as_path(root)  # a local folder or a gs:// URI
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        exts = tuple(e.lower() for e in extensions)
+        self.classes, files = _list_folder(self.root)
         if not self.classes:
             raise FileNotFoundError(f"image folder {self.root}: no class sub-directories")
-        exts = tuple(e.lower() for e in extensions)
         paths: list[bytes] = []
         labels: list[int] = []
         for label, cls in enumerate(self.classes):
-            for dirpath, _, fnames in sorted(os.walk(self.root / cls, followlinks=True)):
-                for f in sorted(fnames):
-                    if f.lower().endswith(exts):
-                        paths.append(os.path.relpath(os.path.join(dirpath, f), self.root).encode("utf-8"))
-                        labels.append(label)
+            for rel in files[cls]:
+                if rel.lower().endswith(exts):
+                    paths.append(rel.encode("utf-8"))
+                    labels.append(label)
         if not paths:
             raise FileNotFoundError(f"image folder {self.root}: no files with extensions {exts}")
         self._paths = np.array(paths, dtype=object)  # compact enough, cheap to pickle to workers
@@ -69,17 +70,39 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self._labels)
 
-    def path(self, i: int) -> Path:
+    def path(self, i: int) -> epath.Path:
         return self.root / self._paths[i].decode("utf-8")
 
     def read(self, i: int) -> tuple[bytes | None, int]:
         try:
             return self.path(i).read_bytes(), int(self._labels[i])
-        except OSError:
+        except Exception:  # noqa: BLE001  (unreadable file or failed object read: counted, not fatal)
             return None, int(self._labels[i])
 
     def describe(self, i: int) -> str:
         return str(self._paths[i].decode("utf-8"))
+
+
+def _list_folder(root: epath.Path) -> tuple[list[str], dict[str, list[str]]]:
+    """-> (sorted class folder names, {class: file paths relative to ``root``}) in ``os.walk`` order: folders
+    sorted, file names sorted within each (symlinks followed). An object store is listed in one recursive listing
+    (its "folders" are name prefixes, so a class folder exists when it holds a file)."""
+    files: dict[str, list[str]] = {}
+    if is_local(root):
+        for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+            files[cls] = [os.path.relpath(os.path.join(dirpath, f), root)
+                          for dirpath, _, fnames in sorted(os.walk(root / cls, followlinks=True))
+                          for f in sorted(fnames)]
+        return list(files), files
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(os.fspath(root))
+    base = base.rstrip("/")
+    rels = [f[len(base) + 1:] for f in fs.find(base)]
+    for rel in sorted((r for r in rels if "/" in r), key=lambda r: (os.path.dirname(r), os.path.basename(r))):
+        files.setdefault(rel.split("/", 1)[0], []).append(rel)
+    classes = sorted(files)
+    return classes, {c: files[c] for c in classes}
 
 
 class TfdsSource:

@@ -21,21 +21,41 @@ repeat, batch, per-process slice of the batch stream, fetch/decode; its iterator
 ``set_state``, or Orbax via ``grain.checkpoint``). Global batch ``j`` is stream elements ``[j*G, (j+1)*G)`` in order
 whatever the number of processes (process ``p`` feeds rows ``[p*G/P, (p+1)*G/P)``), so training never depends on
 the process count.
+
+Storage: the folder may be local or ``gs://`` (``etils.epath``). On ``gs://`` each shard is built in a local temp
+file and uploaded once under its final name (an object appears whole), then its sidecar; ArrayRecord's reader
+opens only local files, so :class:`LatentShards` copies a ``gs://`` dataset's shards into a local cache first
+(``MMFM_CACHE_DIR``, default ``<tmp>/mmfm-cache``; a shard is fetched again when its size or time stamp changes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
 import ml_dtypes
 import numpy as np
 
-from mmfm_jax.utils import TEMP_GLOB, fsync_dir, fsync_file, read_json, save_npz_atomic, write_json_atomic
+from mmfm_jax.utils import (
+    TEMP_GLOB,
+    as_path,
+    fsync_dir,
+    is_local,
+    load_npz,
+    local_temp_for,
+    publish_file,
+    read_json,
+    save_npz_atomic,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
 
 FORMAT = "mmfm-latents"
 VERSION = 1
@@ -137,7 +157,7 @@ class LatentShardWriter:
                  cls_dim: int = 0, grid: Sequence[int] | None = None, normalized: bool = True,
                  num_shards: int | None = None, extra: Mapping[str, Any] | None = None,
                  update_manifest: bool = True):
-        self.dir = Path(directory)
+        self.dir = as_path(directory)
         self.latent_shape = tuple(int(s) for s in latent_shape)
         if len(self.latent_shape) != 2:
             raise ValueError(f"latent_shape must be (L, C), got {self.latent_shape}")
@@ -155,6 +175,8 @@ class LatentShardWriter:
         of the atomic JSON/npz writers, also those a job writes beside the shards). Returns the removed names. Call
         it on one process only and before any process writes (another process's in-flight temp looks the same)."""
         removed = []
+        if not is_local(self.dir):
+            return removed  # nothing is written to an object store under a temporary name
         for p in self.dir.glob(TEMP_GLOB):
             if p.is_file() or p.is_symlink():
                 p.unlink(missing_ok=True)
@@ -181,15 +203,14 @@ class LatentShardWriter:
 
         n = len(np.asarray(examples["latent"]))
         final = self.dir / shard_name(shard_id)
-        tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
-        w = ArrayRecordWriter(str(tmp), "group_size:1")
+        tmp = local_temp_for(final, f".tmp-{os.getpid()}")
+        w = ArrayRecordWriter(tmp, "group_size:1")
         for s in range(0, max(n, 1), WRITE_BLOCK):  # encoded block by block: bounded extra host memory
             block = {k: np.asarray(v)[s:s + WRITE_BLOCK] for k, v in examples.items()}
             for r in encode_records(block, self.latent_shape, self.latent_dtype, self.cls_dim):
                 w.write(r)
         w.close()
-        fsync_file(tmp)
-        os.replace(tmp, final)
+        publish_file(tmp, final)
         fsync_dir(self.dir)
         idx = np.asarray(examples.get("index", np.arange(n)))
         meta = dict(id=int(shard_id), file=final.name, count=n,
@@ -228,11 +249,37 @@ class LatentShardWriter:
 
 
 def load_stats(directory: str | os.PathLike) -> dict[str, np.ndarray] | None:
-    p = Path(directory) / STATS
+    p = as_path(directory) / STATS
     if not p.exists():
         return None
-    with np.load(p) as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(p)
+
+
+def _cached_shards(directory: Any, files: Sequence[str]) -> list[str]:
+    """Local copies of the shards ``files`` of the remote dataset ``directory`` (see the module docstring)."""
+    root = os.path.join(os.environ.get("MMFM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "mmfm-cache"),
+                        hashlib.sha1(os.fspath(directory).encode()).hexdigest()[:16])
+    os.makedirs(root, exist_ok=True)
+    out, fetched = [], 0
+    for name in files:
+        src = directory / name
+        st = src.stat()
+        local = os.path.join(root, f"{name}.{int(st.length)}.{int(st.mtime)}")
+        if not os.path.exists(local):
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                src.copy(tmp, overwrite=True)
+                os.replace(tmp, local)  # several processes of one host may fetch the same shard
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            fetched += 1
+        out.append(local)
+    if fetched:
+        log.info("latent dataset %s: copied %d of %d shards to the local cache %s", directory, fetched, len(files),
+                 root)
+    return out
 
 
 def normalize_latents(latent: np.ndarray, stats: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -248,7 +295,7 @@ class LatentShards:
     """Reader of a latent dataset folder: ``len``, ``fetch(indices) -> dict`` (batched ArrayRecord reads)."""
 
     def __init__(self, directory: str | os.PathLike, allow_incomplete: bool = False, normalize: bool = False):
-        self.dir = Path(directory)
+        self.dir = as_path(directory)
         mpath = self.dir / MANIFEST
         if not mpath.exists():
             raise FileNotFoundError(f"latent dataset {self.dir}: no {MANIFEST}")
@@ -267,7 +314,9 @@ class LatentShards:
             p = self.dir / s["file"]
             if not p.exists():
                 raise FileNotFoundError(f"latent dataset {self.dir}: shard {s['file']} listed but missing")
-            paths.append(str(p))
+            paths.append(os.fspath(p))
+        if not is_local(self.dir):
+            paths = _cached_shards(self.dir, [s["file"] for s in self.manifest["shards"]])
         self.source = grain.sources.ArrayRecordDataSource(paths)
         if len(self.source) != self.manifest["num_examples"]:
             raise ValueError(f"latent dataset {self.dir}: {len(self.source)} records on disk, manifest says "

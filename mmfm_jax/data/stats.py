@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmfm_jax.convert.common import CheckpointError, torch_load, torch_to_numpy
-from mmfm_jax.utils import save_npz_atomic
+from mmfm_jax.utils import load_npz, local_copy, save_npz_atomic
 
 NORM_EPS = 1e-5
 
@@ -100,13 +100,13 @@ def save_stats(path: str | os.PathLike, var: np.ndarray, mean: np.ndarray | None
 def load_stats(path: str | os.PathLike, tokens: int | None = None, channels: int | None = None
                ) -> tuple[np.ndarray, np.ndarray | None]:
     """-> (var [L, C], mean [L, C] or None). Reads our ``stats.npz`` or the official ``stat.pt`` (needs torch)."""
-    path = str(path)
+    path = str(path)  # local or gs://
     if path.endswith((".pt", ".pth")):
-        var, mean = import_official_stats(path)
+        with local_copy(path) as local:
+            var, mean = import_official_stats(local)
     else:
-        with np.load(path) as z:
-            var = z["var"]
-            mean = z["mean"] if "mean" in z.files else None
+        z = load_npz(path)
+        var, mean = z["var"], z.get("mean")
     if tokens is not None and var.shape != (tokens, channels):
         raise ValueError(f"{path}: var has shape {var.shape}, expected ({tokens}, {channels})")
     return var, mean

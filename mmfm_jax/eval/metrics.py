@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from mmfm_jax.utils import as_path
+
 DISTANCE_DTYPES = ("float16", "float32")
 
 
@@ -229,7 +231,7 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3,
 
 @contextlib.contextmanager
 def _npy_member(path: str | os.PathLike, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.dtype]]:
-    with zipfile.ZipFile(path) as zf:
+    with as_path(path).open("rb") as raw, zipfile.ZipFile(raw) as zf:  # local or gs://
         name = f"{key}.npy"
         if name not in zf.namelist():
             raise KeyError(f"{os.fspath(path)}: no array {key!r} (have {[n[:-4] for n in zf.namelist()]})")
@@ -290,9 +292,9 @@ class ReferenceBatch:
 def load_reference_batch(path: str | os.PathLike) -> ReferenceBatch:
     """Read an ADM reference npz (``VIRTUAL_imagenet256_labeled.npz``): the statistics now, the images lazily."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not as_path(path).exists():  # local or gs://
         raise FileNotFoundError(f"reference batch not found: {path}")
-    with np.load(path) as z:
+    with as_path(path).open("rb") as f, np.load(f) as z:
         keys = set(z.files)
         stats = {k: (np.asarray(z[k], np.float64) if k in keys else None) for k in ("mu", "sigma", "mu_s", "sigma_s")}
     if not ({"mu", "sigma"} <= keys or "arr_0" in keys):

@@ -14,7 +14,10 @@ its presence marks a complete save. An EM state (``save_em_state``) has the same
 and ``"format": "mmfm_jax.gmm.em_state"`` (plus iteration / lower_bound / converged in the JSON, for reading).
 ``save_em_state`` replaces an existing state safely: it writes ``path.tmp`` completely, then renames it over
 ``path``, so a crash mid-save leaves the previous state intact (``load_em_state`` also looks at ``path.old``,
-which exists only for an instant during the swap). Multi-process: every process calls the save functions (Orbax is
+which exists only for an instant during the swap). On an object store (``gs://``), where a folder rename is a
+copy, ``path.tmp`` is copied onto ``path`` with ``metadata.json`` last (after ``path``'s own was removed); until
+that copy ends, ``load_em_state`` reads the complete ``path.tmp``. Paths are ``etils.epath`` (local or ``gs://``).
+Multi-process: every process calls the save functions (Orbax is
 collective); arrays may be sharded or replicated global arrays. Loading needs no knowledge of the saving
 topology: targets are built from the stored shapes (replicated on ``mesh``, or ``sharding``, or device 0).
 """
@@ -33,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 from mmfm_jax import parallel
 from mmfm_jax.gmm.diag import DiagGMM
 from mmfm_jax.gmm.em import EMState, make_state
-from mmfm_jax.utils import read_json, write_json_atomic
+from mmfm_jax.utils import as_path, copy_tree, is_local, read_json, write_json_atomic
 
 GMM_FORMAT = "mmfm_jax.gmm.diag"
 STATE_FORMAT = "mmfm_jax.gmm.em_state"
@@ -46,15 +49,15 @@ def _gmm_dict(gmm: DiagGMM) -> dict:
 
 
 def _save(path: str | os.PathLike, sub: str, tree: Any, meta: dict, overwrite: bool) -> None:
-    path = os.path.abspath(os.fspath(path))
-    if overwrite and parallel.is_main_process() and os.path.exists(path) and not os.path.isdir(path):
+    path = as_path(path)
+    if overwrite and parallel.is_main_process() and path.exists() and not path.is_dir():
         raise NotADirectoryError(path)
-    arrays = os.path.join(path, sub)
-    meta_path = os.path.join(path, "metadata.json")
-    if os.path.exists(arrays) and not overwrite:
+    arrays = path / sub
+    meta_path = path / "metadata.json"
+    if arrays.exists() and not overwrite:
         raise FileExistsError(f"{arrays} exists (pass overwrite=True to replace it)")
-    if parallel.is_main_process() and os.path.exists(meta_path):
-        os.remove(meta_path)  # the save is incomplete until metadata.json is written again
+    if parallel.is_main_process() and meta_path.exists():
+        meta_path.unlink()  # the save is incomplete until metadata.json is written again
     parallel.sync("gmm_io_pre_save")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(arrays, tree, force=overwrite)
@@ -66,7 +69,7 @@ def _save(path: str | os.PathLike, sub: str, tree: Any, meta: dict, overwrite: b
     parallel.sync("gmm_io_meta")
 
 
-def _targets(path: str, sharding: Any, mesh: Mesh | None) -> Any:
+def _targets(path: Any, sharding: Any, mesh: Mesh | None) -> Any:
     ckptr = ocp.StandardCheckpointer()
     tree = ckptr.metadata(path).item_metadata.tree
     ckptr.close()
@@ -81,9 +84,9 @@ def _leaf_target(m: Any, sh: Sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sh)
 
 
-def _read_meta(path: str, fmt: str) -> dict:
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.exists(meta_path):
+def _read_meta(path: Any, fmt: str) -> dict:
+    meta_path = path / "metadata.json"
+    if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} missing: not a complete {fmt} save")
     meta = read_json(meta_path)
     if meta.get("format") != fmt or int(meta.get("version", -1)) > VERSION:
@@ -113,9 +116,9 @@ def load_gmm(path: str | os.PathLike, mesh: Mesh | None = None, sharding: Any = 
     Placement: ``sharding`` (one ``Sharding`` or a DiagGMM / dict of them per field), else replicated on ``mesh``,
     else the first local device.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = as_path(path)
     meta = _read_meta(path, GMM_FORMAT)
-    arrays = os.path.join(path, "arrays")
+    arrays = path / "arrays"
     tree, sh = _targets(arrays, sharding, mesh)
     shs = _gmm_shardings(sh)
     target = {f: _leaf_target(tree[f], shs[f]) for f in _FIELDS}
@@ -132,35 +135,69 @@ def save_em_state(path: str | os.PathLike, state: EMState, metadata: dict | None
     meta = dict(format=STATE_FORMAT, version=VERSION, iteration=int(state.iteration),
                 lower_bound=float(state.lower_bound), converged=bool(state.converged),
                 n_components=state.params.n_components, dim=state.params.dim, metadata=dict(metadata or {}))
-    path = os.path.abspath(os.fspath(path))
-    tmp, old = path + ".tmp", path + ".old"
-    if parallel.is_main_process() and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left over from an interrupted save
+    path = as_path(path)
+    tmp, old = _beside(path, ".tmp"), _beside(path, ".old")
+    if parallel.is_main_process() and tmp.exists():
+        if not is_local(path) and _complete(tmp) and not _complete(path):
+            _publish_remote(tmp, path)  # a copy that was interrupted: finish it before reusing tmp
+        tmp.rmtree()  # left over from an interrupted save
     parallel.sync("gmm_io_em_state_tmp")
     _save(tmp, "state", tree, meta, overwrite=False)
     if parallel.is_main_process():
-        if os.path.exists(path):
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        if not is_local(path):
+            _publish_remote(tmp, path)
+            tmp.rmtree()
+        else:
+            if path.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
     parallel.sync("gmm_io_em_state_swap")
+
+
+def _beside(path: Any, suffix: str) -> Any:
+    return path.parent / f"{path.name}{suffix}"
+
+
+def _complete(path: Any) -> bool:
+    return (path / "metadata.json").exists()
+
+
+def _publish_remote(src: Any, dst: Any) -> None:
+    """``dst`` := a copy of the complete save ``src`` on an object store: ``dst`` stops being complete first (its
+    metadata.json goes), then every object is copied, metadata.json last."""
+    if _complete(dst):
+        (dst / "metadata.json").unlink()
+    if dst.exists():
+        dst.rmtree()
+    copy_tree(src, dst, last=("metadata.json",))
+
+
+def _em_state_dirs(path: Any) -> list:
+    """Where a complete EM state may be, in order: ``path``, then (``gs://``: an interrupted copy) ``path.tmp``,
+    then (local: an interrupted swap) ``path.old``."""
+    return [path] + ([_beside(path, ".tmp")] if not is_local(path) else []) + [_beside(path, ".old")]
+
+
+def has_em_state(path: str | os.PathLike) -> bool:
+    """Whether :func:`load_em_state` finds a complete EM state at ``path`` (or a swap's leftover beside it)."""
+    return any(_complete(p) for p in _em_state_dirs(as_path(path)))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The full ``metadata.json`` of a saved GMM or EM state (format fields + the caller's ``metadata``)."""
-    return read_json(os.path.join(os.path.abspath(os.fspath(path)), "metadata.json"))
+    return read_json(as_path(path) / "metadata.json")
 
 
 def load_em_state(path: str | os.PathLike, mesh: Mesh | None = None, sharding: Any = None) -> EMState:
     """Read an EM state written by :func:`save_em_state`; placement as :func:`load_gmm`. The caller's metadata:
     ``read_metadata(path)["metadata"]``."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(os.path.join(path, "metadata.json")) and os.path.exists(path + ".old"):
-        path = path + ".old"
+    path = as_path(path)
+    path = next((p for p in _em_state_dirs(path) if _complete(p)), path)
     _read_meta(path, STATE_FORMAT)
-    sdir = os.path.join(path, "state")
+    sdir = path / "state"
     tree, sh = _targets(sdir, sharding, mesh)
     shs = _gmm_shardings(sh)
     target = {"params": {f: _leaf_target(tree["params"][f], shs[f]) for f in _FIELDS},

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmfm_jax.gmm.diag import DiagGMM
+from mmfm_jax.utils import as_path
 
 
 class OfficialPickleError(ValueError):
@@ -26,7 +27,7 @@ class OfficialPickleError(ValueError):
 
 def _load(path: str | os.PathLike) -> dict:
     try:
-        with open(path, "rb") as f:
+        with as_path(path).open("rb") as f:  # local or gs://
             obj = pickle.load(f)  # noqa: S301  (the user's own artifact; sklearn objects need pickle)
     except ModuleNotFoundError as e:
         raise OfficialPickleError(f"{path}: reading the official pickle needs scikit-learn ({e})") from e

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -286,16 +286,19 @@ def cast_table(source: ModeSource, dtype: Any) -> ModeSource:
     return dataclasses.replace(source, means=new)
 
 
-def save_source(path: str | Path, source: ModeSource, metadata: dict[str, Any] | None = None) -> None:
+def save_source(path: str | os.PathLike, source: ModeSource, metadata: dict[str, Any] | None = None) -> None:
     """Write ``path/arrays`` (Orbax, sharded arrays written by their owners) and then ``path/metadata.json``
     (n_modes, shapes, dtypes, the caller's ``metadata``); the JSON marks the save as complete."""
     import orbax.checkpoint as ocp
 
-    from mmfm_jax.utils import write_json_atomic
+    from mmfm_jax.utils import as_path, write_json_atomic
 
-    path = Path(path).absolute()
+    path = as_path(path)  # local or gs://
     tree = {"gmm": {"weights": source.gmm.weights, "means": source.gmm.means, "variances": source.gmm.variances},
             "means": source.means, "variances": source.variances}
+    if jax.process_index() == 0 and (path / "metadata.json").exists():
+        (path / "metadata.json").unlink()  # incomplete until it is written again
+    parallel.sync("save_source_start")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "arrays", tree, force=True)
         ckptr.wait_until_finished()
@@ -310,7 +313,7 @@ def save_source(path: str | Path, source: ModeSource, metadata: dict[str, Any] |
         write_json_atomic(path / "metadata.json", meta)
 
 
-def load_source(path: str | Path, mesh: Mesh | None = None) -> tuple[ModeSource, dict[str, Any]]:
+def load_source(path: str | os.PathLike, mesh: Mesh | None = None) -> tuple[ModeSource, dict[str, Any]]:
     """Read a :func:`save_source` folder -> ``(ModeSource, metadata)``.
 
     With ``mesh``: the table is restored sharded along K (each process reads only its rows) when the stored rows
@@ -319,7 +322,9 @@ def load_source(path: str | Path, mesh: Mesh | None = None) -> tuple[ModeSource,
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    from mmfm_jax.utils import as_path
+
+    path = as_path(path)  # local or gs://
     meta_file = path / "metadata.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"load_source: {meta_file} missing (not a ModeSource folder, or an unfinished save)")

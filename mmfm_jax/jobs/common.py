@@ -7,16 +7,16 @@ import logging
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from jax.sharding import Mesh
 
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError
-from mmfm_jax.utils import MetricWriter, write_json_atomic
+from mmfm_jax.utils import MetricWriter, as_path, check_store, write_json_atomic
 from mmfm_jax.workdir import WorkdirLock, check_stage
 
 log = logging.getLogger("mmfm_jax")
@@ -24,10 +24,11 @@ log = logging.getLogger("mmfm_jax")
 
 @dataclasses.dataclass
 class JobContext:
-    """Workdir layout: ``config.json``, ``summary.json``, ``tb/`` (TensorBoard), job-specific folders."""
+    """Workdir layout: ``config.json``, ``summary.json``, ``tb/`` (TensorBoard), job-specific folders; ``workdir`` is
+    an ``epath.Path`` (a local folder or a ``gs://`` URI)."""
 
     job: str
-    workdir: Path
+    workdir: epath.Path
     mesh: Mesh
     writer: MetricWriter
     t0: float = dataclasses.field(default_factory=time.time)
@@ -37,7 +38,7 @@ class JobContext:
     def is_main(self) -> bool:
         return jax.process_index() == 0
 
-    def path(self, *parts: str) -> Path:
+    def path(self, *parts: str) -> epath.Path:
         return self.workdir.joinpath(*parts)
 
     def write_summary(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +56,7 @@ class JobContext:
             self.lock = None
 
 
-def _guard_workdir(job: str, cfg: ml_collections.ConfigDict, workdir: Path) -> WorkdirLock | None:
+def _guard_workdir(job: str, cfg: ml_collections.ConfigDict, workdir: epath.Path) -> WorkdirLock | None:
     """Process 0 takes the workdir lock and checks the job's stage fingerprint (``workdir.Stage`` in the job
     module's ``STAGE``); every process raises the same error if either fails. Nothing is written on failure."""
     import importlib
@@ -137,14 +138,15 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | Path) -> JobContext:
+def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> JobContext:
     """Initialise multi-host and the compilation cache, build the mesh, lock the workdir and check the stage's
-    fingerprint (``workdir.py``), create the workdir, write ``config.json``, open the writer. Call ``ctx.close()``
-    at the end."""
+    fingerprint (``workdir.py``), create the workdir (local or ``gs://``; a missing or unreachable bucket fails
+    here, naming the URI), write ``config.json``, open the writer. Call ``ctx.close()`` at the end."""
+    check_store(workdir, "--workdir")
     parallel.maybe_initialize_distributed(cfg)
     parallel.configure_compile_cache(cfg)
     mesh = parallel.mesh_from_config(cfg)
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     lock = _guard_workdir(job, cfg, workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
+from typing import Any
 
 import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import PartitionSpec
 
 from mmfm_jax import parallel
@@ -40,7 +41,7 @@ from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.data import stats as stats_lib
 from mmfm_jax.data.preprocess import mmfm_pixels
 from mmfm_jax.models import encoders
-from mmfm_jax.utils import progress, read_json, save_npz_atomic
+from mmfm_jax.utils import as_path, load_npz, progress, read_json, save_npz_atomic
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "encode.py:tiny"
@@ -122,11 +123,11 @@ def _local_rows(x: jax.Array, mesh) -> np.ndarray:
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(*axes)))
 
 
-def _shard_stats_path(out: Path, sid: int) -> Path:
+def _shard_stats_path(out: Any, sid: int) -> Any:
     return out / f"stats-{sid:05d}.npz"
 
 
-def _shards_to_do(writer: latents_lib.LatentShardWriter, out: Path, n_shards: int) -> list[int]:
+def _shards_to_do(writer: latents_lib.LatentShardWriter, out: Any, n_shards: int) -> list[int]:
     """Shards without a finished data file or a stats sidecar. Process 0 removes stale temp files and decides;
     the answer is broadcast, so every process takes the same round-robin (and nobody writes before the cleanup)."""
     todo = np.ones(n_shards, np.int32)
@@ -144,12 +145,12 @@ def _shards_to_do(writer: latents_lib.LatentShardWriter, out: Path, n_shards: in
     return [int(s) for s in np.flatnonzero(todo)]
 
 
-def _merge_stats(paths: list[Path]) -> stats_lib.Moments:
+def _merge_stats(paths: list[Any]) -> stats_lib.Moments:
     acc = stats_lib.NO_MOMENTS
     for p in paths:
-        with np.load(p) as z:
-            acc = stats_lib.merge_moments(acc, (float(z["count"]), z["mean"].astype(np.float64),
-                                                z["m2"].astype(np.float64)))
+        z = load_npz(p)
+        acc = stats_lib.merge_moments(acc, (float(z["count"]), z["mean"].astype(np.float64),
+                                            z["m2"].astype(np.float64)))
     return acc
 
 
@@ -159,7 +160,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     n_total = len(source) if not cfg.data.limit else min(len(source), int(cfg.data.limit))
     per_shard = int(cfg.output.examples_per_shard)
     n_shards = math.ceil(n_total / per_shard)
-    out = Path(cfg.output.dir) if cfg.output.dir else ctx.path("latents")
+    out = as_path(cfg.output.dir) if cfg.output.dir else ctx.path("latents")
     spec = encoders.get(cfg.encoder.name)
     model = build_encoder(cfg)
     image_size = int(cfg.data.image_size)
@@ -264,7 +265,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     return summary
 
 
-def _dataset_bad_counts(out: Path, n_shards: int, keep: int) -> dict:
+def _dataset_bad_counts(out: epath.Path, n_shards: int, keep: int) -> dict:
     """Bad-image tallies of the whole dataset, from every shard's sidecar (shards written before a restart too).
     Shards whose sidecar has no counts are listed under ``bad_counts_missing_shards``."""
     total, seen, missing = 0, 0, []

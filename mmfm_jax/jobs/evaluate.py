@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -21,7 +21,7 @@ from PIL import Image
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.eval import metrics as metrics_lib
 from mmfm_jax.eval.features import extract_features
-from mmfm_jax.utils import progress, write_json_atomic
+from mmfm_jax.utils import as_path, list_files, progress, save_npz_atomic, write_json_atomic
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "evaluate.py:imagenet256"
@@ -46,13 +46,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.ref.path: required (e.g. VIRTUAL_imagenet256_labeled.npz)")
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+def _files(folder: Any) -> list[Any]:
+    return [p for p in list_files(folder) if p.suffix.lower() in IMAGE_EXTS]
 
 
 def image_stream(path: str | os.PathLike, batch: int, limit: int = 0) -> tuple[int, Iterator[np.ndarray]]:
     """-> (number of images, iterator of uint8 [n, H, W, 3] batches) for an npz, sample shards or image files."""
-    path = Path(path)
+    path = as_path(path)  # local or gs://
     if path.is_file() and path.suffix == ".npz":
         npzs = [path]
     elif path.is_dir():
@@ -86,7 +86,7 @@ def image_stream(path: str | os.PathLike, batch: int, limit: int = 0) -> tuple[i
         for s in range(0, len(files), batch):
             imgs = []
             for f in files[s:s + batch]:
-                with Image.open(f) as im:
+                with f.open("rb") as fh, Image.open(fh) as im:
                     a = np.asarray(im.convert("RGB"))
                 if size is None:
                     size = a.shape
@@ -139,7 +139,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         out = metrics_lib.adm_metrics(feats, ref, ref_feats, k=int(cfg.nearest_k), split_size=int(cfg.is_split_size),
                                       sqrtm=cfg.sqrtm)
     if ctx.is_main and cfg.save_features:
-        np.savez(ctx.path("features.npz"), **feats)
+        save_npz_atomic(ctx.path("features.npz"), **feats)
     summary = dict(num_images=n, input=str(cfg.input.path), reference=cfg.ref.path or None,
                    input_path=cfg.inception.input_path, **{k: float(v) for k, v in out.items()})
     if ctx.is_main:

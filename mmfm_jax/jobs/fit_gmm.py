@@ -13,8 +13,8 @@ With ``import_official.cls_pkl`` / ``.spatial_pkl`` set, the official pickles ar
 from __future__ import annotations
 
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ from mmfm_jax.gmm import io as gmm_io
 from mmfm_jax.gmm.precision import FUSED_BF16X3, step_precisions
 from mmfm_jax.gmm.source import ModeSource, save_source
 from mmfm_jax.models import encoders
+from mmfm_jax.utils import as_path, load_npz
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "fit_gmm.py:tiny"
@@ -83,7 +84,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_cls(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cls(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """All un-flipped [CLS] vectors in image-index order -> (cls [N, D] fp32, image index [N]).
 
     Only a finished dataset is read (manifest ``complete``; an EM over a half-encoded dataset would fit the wrong
@@ -91,11 +92,11 @@ def read_cls(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     listed shard has one whose row count matches (no latent decoding), else from the records. Every process reads
     all of them (1.28M x 768 fp32 = 3.9 GB); ``em.fit`` places each device's rows.
     """
-    directory = Path(directory)
+    directory = as_path(directory)
     ds = latents_lib.LatentShards(directory)  # raises unless the manifest is complete and every shard is there
     shards = ds.manifest["shards"]
     side = [directory / f"cls-{int(sh['id']):05d}.npz" for sh in shards]
-    parts = [np.load(p) for p in side] if all(p.exists() for p in side) else None
+    parts = [load_npz(p) for p in side] if all(p.exists() for p in side) else None
     if parts is not None and any(len(p["index"]) != int(sh["count"]) for p, sh in zip(parts, shards)):
         log.warning("fit-gmm: [CLS] sidecars in %s do not match the shards' counts: reading the records", directory)
         parts = None
@@ -126,9 +127,8 @@ def check_finite_cls(cls: np.ndarray, shard_of: np.ndarray, directory: Any) -> N
 def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[diag.DiagGMM, dict]:
     g = cfg.gmm
     state_dir = ctx.path("em_state")
-    resumable = (state_dir / "metadata.json").exists() or (Path(f"{state_dir}.old") / "metadata.json").exists()
     with em.x64_scope(g.dtype):  # a float64 fit's state is float64: restore it with 64-bit types on
-        state = gmm_io.load_em_state(state_dir, mesh=ctx.mesh) if resumable else None
+        state = gmm_io.load_em_state(state_dir, mesh=ctx.mesh) if gmm_io.has_em_state(state_dir) else None
     if state is not None:
         log.info("fit-gmm: resuming EM at iteration %d", int(state.iteration))
     from mmfm_jax.utils import progress
@@ -144,6 +144,7 @@ def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls: np.ndarray) -> tuple[d
         ctx_progress.update(1)
         ctx_progress.set_postfix(ll=f"{lower_bound:.4f}")
         if g.checkpoint_every and it % g.checkpoint_every == 0:
+            ctx.writer.flush()  # the logged iterations are durable before the EM checkpoint that covers them
             gmm_io.save_em_state(state_dir, st)
 
     gmm, info = em.fit(cls, int(g.n_components), mesh=ctx.mesh, seed=int(g.seed), init=g.init,

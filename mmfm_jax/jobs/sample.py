@@ -30,9 +30,10 @@ and scale w is written to ``samples/scale_<w>/`` (``samples_scale_<w>.npz``, ``g
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ from mmfm_jax.gmm.source import load_source
 from mmfm_jax.jobs.sample_gm import SOLVERS, gm_substeps, guide_scales, peek_model_config, validate_for_model
 from mmfm_jax.models import encoders
 from mmfm_jax.train.sampling import load_model, make_sample_fn, read_train_config, train_shift
-from mmfm_jax.utils import progress
+from mmfm_jax.utils import as_path, load_npz, progress, save_npz_atomic, write_bytes_atomic
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "sample.py:tiny"
@@ -91,7 +92,7 @@ def resolve_encoder(cfg: ml_collections.ConfigDict) -> str:
     """``encoder.name``, or (``''``) the encoder of a training run's latents (``model.kind='train'``: the latents'
     manifest, else the run's ``encoder.name``), else ``dinov2_b``. A mismatch is a ``ConfigError``."""
     found = None
-    if cfg.model.kind == "train" and cfg.model.workdir and (Path(cfg.model.workdir) / "config.json").exists():
+    if cfg.model.kind == "train" and cfg.model.workdir and (as_path(cfg.model.workdir) / "config.json").exists():
         tc = read_train_config(cfg.model.workdir).to_dict()
         data = tc.get("data") or {}
         found = encoders.recorded_encoder(data.get("path")) if data.get("kind") == "latents" else None
@@ -127,7 +128,7 @@ def build_decoder(cfg: ml_collections.ConfigDict, encoder: str | None = None):
     return load_decoder(d.weights, dcfg, prefix=d.prefix)
 
 
-def _todo_shards(outs: list[Path], n_shards: int) -> list[int]:
+def _todo_shards(outs: list[Any], n_shards: int) -> list[int]:
     todo = [s for s in range(n_shards) if not all((o / f"images-{s:05d}.npz").exists() for o in outs)]
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -219,9 +220,8 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
             arr = np.concatenate(imgs)
             for j, o in enumerate(outs):
                 a = arr[:, j] if sweep else arr
-                tmp = o / f".images-{s:05d}.tmp.npz"
-                np.savez(tmp, arr_0=a, index=np.arange(lo, hi), mode=np.concatenate(modes))
-                tmp.replace(o / f"images-{s:05d}.npz")
+                save_npz_atomic(o / f"images-{s:05d}.npz", arr_0=a, index=np.arange(lo, hi),
+                                mode=np.concatenate(modes))
                 if s == 0 and cfg.output.png_grid and decoder is not None:
                     _write_grid(ctx.path(f"grid_{tags[j]}.png" if sweep else "grid.png"), a[:64])
         parallel.sync(f"sample_shard_{s}")
@@ -237,15 +237,15 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     if cfg.output.merge_npz and ctx.is_main and decoder is not None:
         merged = []
         for j, o in enumerate(outs):
-            arrs = [np.load(o / f"images-{s:05d}.npz")["arr_0"] for s in range(n_shards)]
+            arrs = [load_npz(o / f"images-{s:05d}.npz")["arr_0"] for s in range(n_shards)]
             path = ctx.path(f"samples_{tags[j]}.npz" if sweep else "samples.npz")
-            np.savez(path, arr_0=np.concatenate(arrs))
+            save_npz_atomic(path, arr_0=np.concatenate(arrs))
             merged.append(str(path))
         summary["merged"] = merged if sweep else merged[0]
     return summary
 
 
-def _write_grid(path: Path, images: np.ndarray, cols: int = 8) -> None:
+def _write_grid(path: Any, images: np.ndarray, cols: int = 8) -> None:
     from PIL import Image
 
     n, h, w, c = images.shape
@@ -254,4 +254,6 @@ def _write_grid(path: Path, images: np.ndarray, cols: int = 8) -> None:
     for i, im in enumerate(images):
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())

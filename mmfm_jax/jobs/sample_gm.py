@@ -4,7 +4,6 @@ model's config (``model.head``, mode conditioning). See ``jobs/sample.py`` and `
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_collections
 
@@ -12,6 +11,7 @@ from mmfm_jax.config_utils import ConfigError, check
 from mmfm_jax.flow import gmflow
 from mmfm_jax.models.ditdh import DiTDHConfig
 from mmfm_jax.train.sampling import as_gm, gm_substeps, guide_scales, model_config, sample_grid  # noqa: F401
+from mmfm_jax.utils import as_path
 
 SOLVERS = ("euler", "gm_ode", "gm_sde")
 
@@ -21,7 +21,7 @@ def peek_model_config(spec: ml_collections.ConfigDict) -> DiTDHConfig | None:
     when it cannot be read yet (checked again after loading)."""
     if spec.kind != "train" or not spec.workdir:
         return None
-    path = Path(spec.workdir) / "config.json"
+    path = as_path(spec.workdir) / "config.json"
     if not path.is_file():
         return None
     return model_config(ml_collections.ConfigDict(json.loads(path.read_text())))

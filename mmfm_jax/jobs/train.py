@@ -310,18 +310,6 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
                 print(f"DEBUG: hanging at step {step}", flush=True)
                 while not guard.requested:
                     signal.pause()
-            check_now = not multi or step % cfg.checkpoint.preemption_check_every == 0
-            stop = check_now and guard.should_stop()
-            if step % cfg.checkpoint.every_steps == 0 or step == t.num_steps or stop:
-                ckpt.save(step, state, latents_lib.iterator_state_bytes(it), config_dict)
-            if preview is not None and step % pv.every_steps == 0:  # sample grid of the EMA model
-                ctx.writer.image("train/samples", step, preview(state, source))
-            if stop:
-                preempted = True
-                log.warning("preempted: checkpoint saved at step %d; exiting", step)
-                break
-            if step < t.num_steps:
-                batch = next(it)
             if step % cfg.log_every == 0 or step == t.num_steps:
                 vals = jax.device_get(window)
                 now = time.perf_counter()
@@ -336,6 +324,19 @@ def train(cfg: ml_collections.ConfigDict, ctx, dataset: Any = None, source: Mode
                     tflops_per_device=tflops, mfu=tflops / t.peak_tflops_per_device)
                 ctx.writer.scalars(step, {f"train/{k}": v for k, v in summary_metrics.items()})
                 window, t_last, step_last = [], now, step
+            check_now = not multi or step % cfg.checkpoint.preemption_check_every == 0
+            stop = check_now and guard.should_stop()
+            if step % cfg.checkpoint.every_steps == 0 or step == t.num_steps or stop:
+                ctx.writer.flush()  # the metrics up to this step are durable before the checkpoint can commit
+                ckpt.save(step, state, latents_lib.iterator_state_bytes(it), config_dict)
+            if preview is not None and step % pv.every_steps == 0:  # sample grid of the EMA model
+                ctx.writer.image("train/samples", step, preview(state, source))
+            if stop:
+                preempted = True
+                log.warning("preempted: checkpoint saved at step %d; exiting", step)
+                break
+            if step < t.num_steps:
+                batch = next(it)
             bar.update(1)
         if pending is not None:
             check_finite(pending)

@@ -30,7 +30,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -41,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError
+from mmfm_jax.utils import as_path, copy_tree, is_local
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class Checkpointer:
                  replica_parallel_min_bytes: int = 1 << 20, checksums: bool = True):
         set_replica_parallel_min_bytes(replica_parallel_min_bytes)
         self.checksums = checksums
-        self.dir = Path(directory).absolute()
+        self.dir = as_path(directory)  # a local folder or a gs:// URI
         opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                             create=True)
         self.mngr = ocp.CheckpointManager(self.dir, options=opts)
@@ -372,7 +372,12 @@ class Checkpointer:
             for s in steps:
                 src = self.dir / str(s)
                 if src.exists():
-                    shutil.move(str(src), str(dest / f"{s}-{int(time.time())}"))
+                    dst = dest / f"{s}-{int(time.time())}"
+                    if is_local(src):
+                        shutil.move(str(src), str(dst))
+                    else:  # an object store has no folders to rename: copy the objects, then delete them
+                        copy_tree(src, dst)
+                        src.rmtree()
         parallel.sync("checkpoint_quarantine")
         self.mngr.reload()
 
