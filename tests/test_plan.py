@@ -63,7 +63,8 @@ def test_plan_train_tiny_and_search(tmp_path):
     cfg = load_config(str(REPO / "configs/train.py:tiny"))
     s = plan(cfg, "v5e-4", tmp_path, search=True, max_batch=4, log=QUIET)
     assert json.loads((tmp_path / "summary.json").read_text())["fits"] is True
-    assert s["num_chips"] == 4 and s["mesh"] == {"dcn_data": 1, "data": 4, "fsdp": 1} and s["versions"]["libtpu"] != "none"
+    assert s["num_chips"] == 4 and s["mesh"] == {"dcn_data": 1, "data": 4, "fsdp": 1}
+    assert s["versions"]["libtpu"] != "none"
     (r,) = s["programs"]
     m = r["memory_per_chip"]
     assert r["program"] == "train_step" and r["per_chip_batch"] == 2  # 16 / 2 micro-batches / 4 chips
