@@ -31,7 +31,7 @@ def test_demo_short_run(tmp_path, repo_dir):
         assert list((tmp_path / "tb" / name).glob("events.out.tfevents.*")), name
     # the EMA models, in the train job's layout: the sample job's loader restores them
     from mmfm_jax import parallel
-    from mmfm_jax.jobs.sample import restore_train_ema
+    from mmfm_jax.train.sampling import restore_train_ema
 
     assert (tmp_path / "models" / "source" / "metadata.json").exists()
     cfg_saved = json.loads((tmp_path / "models" / "gmm_mode_cond" / "config.json").read_text())

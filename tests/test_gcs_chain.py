@@ -80,7 +80,7 @@ def outputs(root: str) -> dict:
     import jax
 
     from mmfm_jax import parallel
-    from mmfm_jax.jobs.sample import restore_train_ema
+    from mmfm_jax.train.sampling import restore_train_ema
 
     ds = latents_lib.LatentShards(f"{root}/enc/latents")
     src, _ = load_source(f"{root}/gmm/source")
