@@ -14,9 +14,10 @@ everything (data, GMM fit, network init, training noise); the table reports mean
 
 Variant ``test``: a seconds-long version for the test suite.
 
-Variant ``gm_steps`` (``mode='gm_steps'``, ``mmfm_jax/jobs/toy_gm.py``): GMFlow's claim in miniature on the Spread
-target: W2^2 vs number of steps (2..32) for Euler on a velocity MLP vs GM-ODE / GM-SDE on a GM MLP trained for the
-same budget, Gaussian and GMM (mode-coupled, mode-conditional) sources. ``gm_steps_test``: its seconds-long version.
+Variant ``gm_steps`` (``mode='gm_steps'``, ``mmfm_jax/experiments/toy/gm.py``): GMFlow's claim in miniature on the
+Spread target: W2^2 vs number of steps (2..32) for Euler on a velocity MLP vs GM-ODE / GM-SDE on a GM MLP trained for
+the same budget, Gaussian and GMM (mode-coupled, mode-conditional) sources. ``gm_steps_test``: its seconds-long
+version.
 """
 
 import ml_collections

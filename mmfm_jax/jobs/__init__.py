@@ -3,7 +3,7 @@
 
 # job name -> module (imported lazily so `python -m mmfm_jax --help` stays fast)
 JOBS: dict[str, str] = {
-    "toy": "mmfm_jax.jobs.toy",
+    "toy": "mmfm_jax.experiments.toy.job",
     "demo": "mmfm_jax.jobs.demo",
     "train": "mmfm_jax.jobs.train",
     "encode": "mmfm_jax.jobs.encode",
