@@ -1,1 +1,9 @@
-"""mmfm_jax."""
+"""mmfm_jax: MM-FM (flow matching from a GMM source with mode coupling) and GMFlow in JAX / Flax NNX, for TPU/GPU pods.
+
+Entry points: ``mmfm_jax.api.Pipeline`` (load a training run or the official release; sample, encode, decode) and
+the ``mmfm-jax`` command (``cli``; jobs in ``jobs``, studies in ``experiments``). Library packages, lowest first:
+``ops``; ``models``, ``gmm``, ``flow``; ``data``, ``convert``, ``eval``; ``train``; then ``jobs``, ``experiments``,
+``bench``, ``plan``, ``release``. Shared modules: ``parallel`` (meshes, logical axis rules, multi-host),
+``config_utils`` / ``config_files`` (validation naming the key, ``--config`` specs), ``utils`` (storage on local
+paths or gs://, metric writer), ``workdir`` (run locks, stage fingerprints), ``launch`` (pods, SLURM, local).
+"""

@@ -1,5 +1,8 @@
 """One module per CLI job. Each defines ``DEFAULT_CONFIG`` (a file in ``configs/``, optionally ``:variant``),
-``validate(cfg)`` (raise ``ConfigError`` naming the key) and ``run(cfg, ctx) -> dict`` (the summary)."""
+``validate(cfg)`` (raise ``ConfigError`` naming the key) and ``run(cfg, ctx) -> dict`` (the summary).
+
+``JOBS`` maps each ``mmfm-jax`` job name to its module (the studies' jobs live in ``mmfm_jax.experiments``);
+``common`` holds the job context (``start_job``) and ``preflight`` the checks run before a job starts."""
 
 # job name -> module (imported lazily so `python -m mmfm_jax --help` stays fast)
 JOBS: dict[str, str] = {

@@ -5,6 +5,9 @@
 (:mod:`.programs`), and reports per chip memory against HBM, FLOPs and bytes per step, a roofline time and the
 collectives (:mod:`.analyze`), optionally searching the largest per-chip batch that fits. Figures are compiler
 estimates for the given jax/libtpu versions, not measurements.
+
+Public API: ``plan``, ``format_report``; ``topology`` (``parse_topology``, ``CHIPS``, ``Topology``), ``analyze``
+(``analyze``, ``search_batch``, ``Program``), ``programs`` (the per-job program builders). CLI: ``mmfm-jax plan``.
 """
 
 from __future__ import annotations
