@@ -1,7 +1,11 @@
 """Official ``DiTwDDTHead`` (RAE / MM-FM) state dicts -> our :class:`~mmfm_jax.models.ditdh.DiTDH`.
 
-Strict: every official key is used or explained, shapes are checked, errors name the key. Key pattern and layouts:
-``shared/reference/mmfm_rae_spec.md`` section 2b. Explained (not loaded) keys:
+Strict: every official key is used or explained, shapes are checked, errors name the key. Key pattern and layouts
+are the official RAE / MM-FM ``DiTwDDTHead`` state dict's (PyTorch ``[out, in]`` weights): ``x_embedder`` /
+``s_embedder`` 1x1 convs, ``t_embedder.mlp``, ``y_embedder.embedding_table``, ``blocks.{i}`` (``attn.qkv`` rows
+[q | k | v], ``mlp.w12`` rows [gate | value], ``adaLN_modulation.1`` in six chunks; indices >= ``depth[0]`` are head
+blocks), ``final_layer``; ``tests/fixtures/ditdh_small.npz`` (``param/``) holds a small official state dict that
+the tests convert. Explained (not loaded) keys:
 
 - ``enc_feat_rope.freqs_{cos,sin}`` / ``dec_feat_rope.freqs_{cos,sin}``: persistent RoPE buffers. We recompute the
   tables from the config (:func:`mmfm_jax.models.layers.rope_2d_tables`); the converter checks the stored values
