@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfm_jax.utils import as_path, is_local, local_copy
+from mmfm_jax.storage import as_path, is_local, local_copy
 
 TRUST_PICKLE_ENV = "MMFM_TRUST_PICKLE"
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)  # allowlisted for weights_only loads (plain data holders)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmfm_jax.convert.common import CheckpointError, torch_load, torch_to_numpy
-from mmfm_jax.utils import load_npz, local_copy, save_npz_atomic
+from mmfm_jax.storage import load_npz, local_copy, save_npz_atomic
 
 NORM_EPS = 1e-5
 
