@@ -14,7 +14,7 @@ import pytest
 from test_encode_job import make_folder
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.gmm.source import load_source
 from mmfm_jax.storage import as_path, copy_tree, load_npz, read_json
