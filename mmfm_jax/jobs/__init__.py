@@ -1,8 +1,7 @@
 """One module per CLI job. Each defines ``DEFAULT_CONFIG`` (a file in ``configs/``, optionally ``:variant``),
 ``validate(cfg)`` (raise ``ConfigError`` naming the key) and ``run(cfg, ctx) -> dict`` (the summary)."""
 
-# job name -> module (imported lazily so `python -m mmfm_jax --help` stays fast). The plan job lives in its package:
-# the planner compiles the other jobs' programs, so it sits above jobs/ (docs/architecture.md).
+# job name -> module (imported lazily so `python -m mmfm_jax --help` stays fast)
 JOBS: dict[str, str] = {
     "toy": "mmfm_jax.jobs.toy",
     "demo": "mmfm_jax.jobs.demo",
@@ -11,6 +10,6 @@ JOBS: dict[str, str] = {
     "fit-gmm": "mmfm_jax.jobs.fit_gmm",
     "sample": "mmfm_jax.jobs.sample",
     "evaluate": "mmfm_jax.jobs.evaluate",
-    "plan": "mmfm_jax.plan.job",
+    "plan": "mmfm_jax.plan.job",  # the planner compiles the other jobs' programs, so it lives above jobs/
 }
 
