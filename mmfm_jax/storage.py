@@ -39,8 +39,6 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-
-
 def as_path(path: str | os.PathLike) -> epath.Path:
     """``epath.Path`` of a local path (made absolute: Orbax needs that) or a URI (``gs://b/x``, left as is: never
     ``.absolute()`` a URI, which would turn it into a local ``gs:/b/x``)."""
