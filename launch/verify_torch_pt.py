@@ -29,13 +29,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mmfm_jax.convert.common import TRUST_PICKLE_ENV, CheckpointError, load_state_dict  # noqa: E402
+from mmfm_jax.convert.common import load_state_dict  # noqa: E402
 from mmfm_jax.convert.decoder import load_decoder  # noqa: E402
 from mmfm_jax.convert.ditdh import load_official_ditdh  # noqa: E402
 from mmfm_jax.convert.inception import load_inception  # noqa: E402
 from mmfm_jax.data.stats import load_stats  # noqa: E402
 from mmfm_jax.eval.resize import pytorch_fid_inputs  # noqa: E402
 from mmfm_jax.models.ditdh import ditdh_config  # noqa: E402
+from mmfm_jax.torch_io import TRUST_PICKLE_ENV, CheckpointError  # noqa: E402
 
 FIX = REPO / "tests" / "fixtures"
 TOL = 1e-5

@@ -1,4 +1,5 @@
-"""Config files: where they live, ``--config=`` specs, command-line overrides and one-screen descriptions.
+"""Config files: where they live, ``--config=`` specs, command-line overrides, one-screen descriptions, and
+:func:`load_config` (what ``--config=`` does, from Python: tests and notebooks).
 
 The ``configs/`` folder of the source tree is installed as the package ``mmfm_jax.configs`` (``setup.py``), so a
 spec resolves the same from a checkout and from a wheel: ``train.py:xl_mode``, ``configs/train.py:xl_mode`` (from
@@ -152,6 +153,17 @@ def set_override(cfg: ml_collections.ConfigDict, key: str, value: Any, from_text
         node[leaf] = value
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.{key} = {value!r}: {e}") from None
+
+
+def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """Load ``path/to/config.py[:variant]`` (or a shipped ``train.py:tiny``) like ``--config=`` does (for tests and
+    notebooks), then apply ``{'a.b': value}`` overrides; unknown keys raise ``ConfigError`` naming the key."""
+    path, variant = resolve_config_file(spec)
+    cfg = build_config(import_config_module(path), variant, spec)
+    for key, value in (overrides or {}).items():
+        set_override(cfg, key, value)
+    cfg.lock()
+    return cfg
 
 
 def describe(cfg: ml_collections.ConfigDict, width: int = 110) -> list[str]:

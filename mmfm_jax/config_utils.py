@@ -84,15 +84,3 @@ def validate_base(cfg: ml_collections.ConfigDict) -> None:
           "must be '' (off), a folder, or gs://BUCKET/PATH")
     check(cfg, "compile_cache_min_compile_s", lambda v: isinstance(v, int | float) and v >= 0, "must be >= 0 seconds")
 
-
-def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """Load ``path/to/config.py[:variant]`` (or a shipped ``train.py:tiny``) like ``--config=`` does (for tests and
-    notebooks), then apply ``{'a.b': value}`` overrides; unknown keys raise ``ConfigError`` naming the key."""
-    from mmfm_jax import config_files
-
-    path, variant = config_files.resolve_config_file(spec)
-    cfg = config_files.build_config(config_files.import_config_module(path), variant, spec)
-    for key, value in (overrides or {}).items():
-        config_files.set_override(cfg, key, value)
-    cfg.lock()
-    return cfg

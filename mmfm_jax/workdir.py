@@ -382,7 +382,7 @@ def check_stage(workdir: str | os.PathLike, job: str, stage: Stage, cfg_dict: Ma
     """Compare ``stage``'s fingerprint with the one recorded in ``workdir``; record it. Raises :class:`ConfigError`
     naming the changed keys/inputs unless ``overwrite`` (then the stage's outputs are deleted first). Call on one
     process, before any output is written."""
-    from mmfm_jax.utils import write_json_atomic
+    from mmfm_jax.storage import write_json_atomic
 
     workdir = epath.Path(workdir)
     new = fingerprint(stage, cfg_dict)

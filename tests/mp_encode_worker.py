@@ -38,7 +38,7 @@ def make_images(root: Path, seed: int = 0) -> Path:
 
 
 def encode_config(repo: Path, image_root: Path, latent_dir: Path):
-    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.config_files import load_config
 
     return load_config(f"{repo}/configs/encode.py:tiny", {"data.root": str(image_root), "output.dir": str(latent_dir)})
 

@@ -26,7 +26,7 @@ def main() -> None:
     from test_train_job import overrides  # the same config as the single-process baseline
 
     from mmfm_jax.cli import CONFIG_DIR, run_job
-    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.config_files import load_config
 
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     s1 = run_job("train", load_config(f"{CONFIG_DIR}/train.py:tiny", overrides(source, num_steps=4)), workdir)

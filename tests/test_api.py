@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 
 
 @pytest.fixture(scope="module")

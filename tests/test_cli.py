@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mmfm_jax.config_utils import ConfigError, load_config
+from mmfm_jax.config_files import load_config
+from mmfm_jax.config_utils import ConfigError
 
 
 def _cli(*args, cwd):

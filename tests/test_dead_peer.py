@@ -18,7 +18,7 @@ import pytest
 from mp_launch import REPO, worker_env
 
 from mmfm_jax.cli import CONFIG_DIR, run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 
 _CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches")

@@ -3,7 +3,7 @@
 import json
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 
 
 def test_demo_short_run(tmp_path, repo_dir):

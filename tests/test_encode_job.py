@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 from mmfm_jax.data import latents as latents_lib
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 from mmfm_jax.gmm.diag import DiagGMM
 from mmfm_jax.gmm.source import ModeSource, save_source
 

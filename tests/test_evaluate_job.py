@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 
 
 def test_evaluate_npz_and_folder(tmp_path, repo_dir):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.gmm import diag, spatial
 from mmfm_jax.gmm import io as gmm_io

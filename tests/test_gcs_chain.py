@@ -14,10 +14,10 @@ import pytest
 from test_encode_job import make_folder
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.gmm.source import load_source
-from mmfm_jax.utils import as_path, copy_tree, load_npz, read_json
+from mmfm_jax.storage import as_path, copy_tree, load_npz, read_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = {"data.kind": "latents", "data.normalize": True, "model.in_channels": 48, "model.input_size": 2,

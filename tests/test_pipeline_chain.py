@@ -7,7 +7,8 @@ import pytest
 from test_encode_job import make_folder
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import ConfigError, load_config
+from mmfm_jax.config_files import load_config
+from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.gmm.source import load_source
 

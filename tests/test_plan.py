@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mmfm_jax.config_utils import ConfigError, load_config
+from mmfm_jax.config_files import load_config
+from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.plan import plan
 from mmfm_jax.plan.analyze import collectives
 from mmfm_jax.plan.topology import CHIPS, parse_topology

@@ -11,15 +11,9 @@ import types
 import numpy as np
 import pytest
 
-from mmfm_jax.convert.common import (
-    TRUST_PICKLE_ENV,
-    CheckpointError,
-    load_state_dict,
-    select_state_dict,
-    torch_load,
-    trust_pickle_from_env,
-)
+from mmfm_jax.convert.common import load_state_dict, select_state_dict
 from mmfm_jax.data.stats import load_stats
+from mmfm_jax.torch_io import TRUST_PICKLE_ENV, CheckpointError, torch_load, trust_pickle_from_env
 
 
 class FakeTensor:

@@ -9,7 +9,7 @@ import pytest
 from sklearn.mixture import GaussianMixture
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 from mmfm_jax.gmm.source import load_source
 from mmfm_jax.models import encoders
 

@@ -13,18 +13,10 @@ from mmfm_jax import parallel
 from mmfm_jax.gmm import io as gmm_io
 from mmfm_jax.gmm.diag import DiagGMM
 from mmfm_jax.gmm.em import make_state
+from mmfm_jax.storage import FILE_MODE, as_path, copy_tree, load_npz, read_json, save_npz_atomic, write_json_atomic
 from mmfm_jax.train.checkpoint import Checkpointer
 from mmfm_jax.train.state import abstract_train_state
-from mmfm_jax.utils import (
-    FILE_MODE,
-    MetricWriter,
-    as_path,
-    copy_tree,
-    load_npz,
-    read_json,
-    save_npz_atomic,
-    write_json_atomic,
-)
+from mmfm_jax.utils import MetricWriter
 
 
 def test_atomic_writers_local_and_gcs(tmp_path, gcs_dir):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import ConfigError, load_config
+from mmfm_jax.config_files import load_config
+from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.experiments.toy import job, target
 from mmfm_jax.experiments.toy.report import PAPER
 

@@ -39,7 +39,7 @@ def _make_source(path: Path) -> None:
 
 
 def _cfg(source, **kw):
-    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.config_files import load_config
 
     return load_config(CONFIG, overrides(str(source), **kw))
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from mmfm_jax.cli import run_job
-from mmfm_jax.config_utils import load_config
+from mmfm_jax.config_files import load_config
 from mmfm_jax.train.preview import latents_to_rgb, rgb_grid
 
 

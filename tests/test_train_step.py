@@ -263,7 +263,8 @@ def test_adam_mu_dtype_and_memory_options_are_validated(repo_dir):
     import ml_collections
     import optax
 
-    from mmfm_jax.config_utils import ConfigError, load_config
+    from mmfm_jax.config_files import load_config
+    from mmfm_jax.config_utils import ConfigError
     from mmfm_jax.jobs import train as train_job
 
     t = ml_collections.ConfigDict(dict(initial_lr=1e-3, base_lr=1e-3, final_lr=1e-3, initial_phase_steps=0,
@@ -303,7 +304,7 @@ def test_config_changes_on_resume_are_listed():
 
 def test_labels_out_of_range_stop_with_a_clear_error(repo_dir, tmp_path):
     from mmfm_jax.cli import run_job
-    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.config_files import load_config
 
     # the synthetic latents' labels go up to 9: a 4-row label table must not be indexed out of range (jnp.take
     # would clip or give NaN, and a label of -1 would read the last row)

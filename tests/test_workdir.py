@@ -23,7 +23,7 @@ def _dead_pid() -> int:
 
 def test_lock_stops_a_second_run_and_takes_over_a_dead_one(tmp_path, caplog, repo_dir):
     from mmfm_jax.cli import run_job
-    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.config_files import load_config
 
     wd = tmp_path / "run"
     a = WorkdirLock(wd, "train").acquire()

@@ -28,7 +28,7 @@ def _setup(args):
     from pathlib import Path
 
     from mmfm_jax import parallel
-    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.config_files import load_config
     from mmfm_jax.gmm.diag import DiagGMM
     from mmfm_jax.gmm.source import ModeSource, cast_table, shard_source
     from mmfm_jax.jobs.train import model_config, step_config

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax.convert.common import CheckpointError, KeyTracker, linear
-from mmfm_jax.utils import as_path, is_local
+from mmfm_jax.storage import as_path, is_local
 
 
 def build_module(factory: Callable[[], nnx.Module], params: dict[str, Any]) -> nnx.Module:

@@ -29,7 +29,7 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from mmfm_jax.data.preprocess import center_crop_arr
-from mmfm_jax.utils import as_path, is_local
+from mmfm_jax.storage import as_path, is_local
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import grain
 import ml_dtypes
 import numpy as np
 
-from mmfm_jax.utils import (
+from mmfm_jax.storage import (
     TEMP_GLOB,
     as_path,
     fsync_dir,
@@ -171,7 +171,7 @@ class LatentShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def cleanup_stale(self) -> list[str]:
-        """Delete leftover temp files of a killed run (``utils.TEMP_GLOB``: the hidden temps of ``write_shard`` and
+        """Delete leftover temp files of a killed run (``storage.TEMP_GLOB``: the hidden temps of ``write_shard`` and
         of the atomic JSON/npz writers, also those a job writes beside the shards). Returns the removed names. Call
         it on one process only and before any process writes (another process's in-flight temp looks the same)."""
         removed = []

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfm_jax.convert.common import CheckpointError, torch_load, torch_to_numpy
-from mmfm_jax.utils import load_npz, local_copy, save_npz_atomic
+from mmfm_jax.storage import load_npz, local_copy, save_npz_atomic
+from mmfm_jax.torch_io import CheckpointError, torch_load, torch_to_numpy
 
 NORM_EPS = 1e-5
 
@@ -121,7 +121,7 @@ def chw_to_tokens(a: np.ndarray) -> np.ndarray:
 def import_official_stats(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """The official ``stat.pt`` ({'mean': None | Tensor[C,H,W], 'var': Tensor[C,H,W]}) -> ([L, C], [L, C] | None).
 
-    Read with :func:`mmfm_jax.convert.common.torch_load` (weights_only; ``trust_pickle`` / ``MMFM_TRUST_PICKLE=1``
+    Read with :func:`mmfm_jax.torch_io.torch_load` (weights_only; ``trust_pickle`` / ``MMFM_TRUST_PICKLE=1``
     for trusted files with other objects). Raises ``CheckpointError`` (a ``ValueError``) naming the file.
     """
     obj = torch_load(path, trust_pickle=trust_pickle)

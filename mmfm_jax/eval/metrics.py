@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
-from mmfm_jax.utils import as_path
+from mmfm_jax.storage import as_path
 
 DISTANCE_DTYPES = ("float16", "float32")
 

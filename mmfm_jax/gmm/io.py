@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 from mmfm_jax import parallel
 from mmfm_jax.gmm.diag import DiagGMM
 from mmfm_jax.gmm.em import EMState, make_state
-from mmfm_jax.utils import as_path, copy_tree, is_local, read_json, write_json_atomic
+from mmfm_jax.storage import as_path, copy_tree, is_local, read_json, write_json_atomic
 
 GMM_FORMAT = "mmfm_jax.gmm.diag"
 STATE_FORMAT = "mmfm_jax.gmm.em_state"

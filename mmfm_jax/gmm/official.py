@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmfm_jax.gmm.diag import DiagGMM
-from mmfm_jax.utils import as_path
+from mmfm_jax.storage import as_path
 
 
 class OfficialPickleError(ValueError):

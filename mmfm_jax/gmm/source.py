@@ -291,7 +291,7 @@ def save_source(path: str | os.PathLike, source: ModeSource, metadata: dict[str,
     (n_modes, shapes, dtypes, the caller's ``metadata``); the JSON marks the save as complete."""
     import orbax.checkpoint as ocp
 
-    from mmfm_jax.utils import as_path, write_json_atomic
+    from mmfm_jax.storage import as_path, write_json_atomic
 
     path = as_path(path)  # local or gs://
     tree = {"gmm": {"weights": source.gmm.weights, "means": source.gmm.means, "variances": source.gmm.variances},
@@ -322,7 +322,7 @@ def load_source(path: str | os.PathLike, mesh: Mesh | None = None) -> tuple[Mode
     """
     import orbax.checkpoint as ocp
 
-    from mmfm_jax.utils import as_path
+    from mmfm_jax.storage import as_path
 
     path = as_path(path)  # local or gs://
     meta_file = path / "metadata.json"

@@ -13,6 +13,6 @@ JOBS: dict[str, str] = {
     "fit-gmm": "mmfm_jax.jobs.fit_gmm",
     "sample": "mmfm_jax.jobs.sample",
     "evaluate": "mmfm_jax.jobs.evaluate",
-    "plan": "mmfm_jax.jobs.plan",
+    "plan": "mmfm_jax.plan.job",  # the planner compiles the other jobs' programs, so it lives above jobs/
 }
 

@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError
-from mmfm_jax.utils import MetricWriter, as_path, check_store, write_json_atomic
+from mmfm_jax.storage import as_path, check_store, write_json_atomic
+from mmfm_jax.utils import MetricWriter
 from mmfm_jax.workdir import WorkdirLock, check_stage
 
 log = logging.getLogger("mmfm_jax")

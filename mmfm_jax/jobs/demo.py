@@ -46,10 +46,11 @@ from mmfm_jax.gmm.source import ModeSource, sample_prior, sample_source, save_so
 from mmfm_jax.jobs.demo_report import LABELS, write_outputs
 from mmfm_jax.jobs.train import checked_model_config, model_config, step_config
 from mmfm_jax.models.ditdh import DiTDH
+from mmfm_jax.storage import write_json_atomic
 from mmfm_jax.train.optim import optimizer_from_config
 from mmfm_jax.train.state import create_train_state
 from mmfm_jax.train.step import make_train_step, put_batch
-from mmfm_jax.utils import MetricWriter, progress, write_json_atomic
+from mmfm_jax.utils import MetricWriter, progress
 
 DEFAULT_CONFIG = "demo.py"
 SETTINGS = {  # name -> (source kind, model sees the mode)

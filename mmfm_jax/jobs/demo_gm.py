@@ -32,8 +32,9 @@ from mmfm_jax.flow.samplers import euler_grid, euler_sample
 from mmfm_jax.jobs.demo import SETTINGS, _setting_config, build_trainer, draw_source, fit_source, prepare, score
 from mmfm_jax.jobs.gm_report import METHODS, gm_beats_euler, steps_table
 from mmfm_jax.jobs.train import validate_gm_train
+from mmfm_jax.storage import write_json_atomic
 from mmfm_jax.train.step import mode_gaussian, put_batch
-from mmfm_jax.utils import MetricWriter, progress, write_json_atomic
+from mmfm_jax.utils import MetricWriter, progress
 
 log = logging.getLogger("mmfm_jax")
 _COMPILER_OPTIONS: dict = {}

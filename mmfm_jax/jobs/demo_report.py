@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mmfm_jax.data import digits
-from mmfm_jax.utils import write_json_atomic
+from mmfm_jax.storage import write_json_atomic
 
 LABELS = {"gaussian": "Gaussian source (baseline)", "gmm_indep": "GMM source, independent coupling",
           "gmm_mode": "GMM source + mode coupling", "gmm_mode_cond": "GMM + mode coupling, mode-conditional"}

@@ -41,7 +41,8 @@ from mmfm_jax.data import latents as latents_lib
 from mmfm_jax.data import stats as stats_lib
 from mmfm_jax.data.preprocess import mmfm_pixels
 from mmfm_jax.models import encoders
-from mmfm_jax.utils import as_path, load_npz, progress, read_json, save_npz_atomic
+from mmfm_jax.storage import as_path, load_npz, read_json, save_npz_atomic
+from mmfm_jax.utils import progress
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "encode.py:tiny"

@@ -21,7 +21,8 @@ from PIL import Image
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.eval import metrics as metrics_lib
 from mmfm_jax.eval.features import extract_features
-from mmfm_jax.utils import as_path, list_files, progress, save_npz_atomic, write_json_atomic
+from mmfm_jax.storage import as_path, list_files, save_npz_atomic, write_json_atomic
+from mmfm_jax.utils import progress
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "evaluate.py:imagenet256"

@@ -30,7 +30,7 @@ from mmfm_jax.gmm import io as gmm_io
 from mmfm_jax.gmm.precision import FUSED_BF16X3, step_precisions
 from mmfm_jax.gmm.source import ModeSource, save_source
 from mmfm_jax.models import encoders
-from mmfm_jax.utils import as_path, load_npz
+from mmfm_jax.storage import as_path, load_npz
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "fit_gmm.py:tiny"

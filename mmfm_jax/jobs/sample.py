@@ -46,8 +46,9 @@ from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positi
 from mmfm_jax.gmm.source import load_source
 from mmfm_jax.jobs.sample_gm import SOLVERS, gm_substeps, guide_scales, peek_model_config, validate_for_model
 from mmfm_jax.models import encoders
+from mmfm_jax.storage import as_path, load_npz, save_npz_atomic, write_bytes_atomic
 from mmfm_jax.train.sampling import load_model, make_sample_fn, read_train_config, train_shift
-from mmfm_jax.utils import as_path, load_npz, progress, save_npz_atomic, write_bytes_atomic
+from mmfm_jax.utils import progress
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "sample.py:tiny"

@@ -10,8 +10,8 @@ import ml_collections
 from mmfm_jax.config_utils import ConfigError, check
 from mmfm_jax.flow import gmflow
 from mmfm_jax.models.ditdh import DiTDHConfig
+from mmfm_jax.storage import as_path
 from mmfm_jax.train.sampling import as_gm, gm_substeps, guide_scales, model_config, sample_grid  # noqa: F401
-from mmfm_jax.utils import as_path
 
 SOLVERS = ("euler", "gm_ode", "gm_sde")
 

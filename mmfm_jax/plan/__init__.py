@@ -99,7 +99,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: str, workdir: str | Path | No
                                  log=log)
         summary["search_batch"] = dict(program=first, largest_per_chip_batch=best, report=rep)
     if workdir is not None:
-        from mmfm_jax.utils import write_json_atomic
+        from mmfm_jax.storage import write_json_atomic
 
         write_json_atomic(Path(workdir) / "summary.json", summary)
     log(format_report(summary))

@@ -101,7 +101,7 @@ def convert_release(variant: str, directory: str | os.PathLike, *, guide: bool =
                     trust_pickle: bool = False, force: bool = False) -> dict[str, Any]:
     """Convert variant ``variant`` fetched into ``directory`` (see the module docstring). Returns the pipeline
     description written to ``<dir>/converted/<variant>/pipeline.json``."""
-    from mmfm_jax.utils import write_json_atomic
+    from mmfm_jax.storage import write_json_atomic
 
     roles = manifest.files_for(variant, guide=guide, evaluation=evaluation)
     spec = manifest.variant(variant)

@@ -47,7 +47,7 @@ def read_lock(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _write_lock(directory: Path, lock: dict[str, Any]) -> None:
-    from mmfm_jax.utils import write_json_atomic
+    from mmfm_jax.storage import write_json_atomic
 
     write_json_atomic(directory / LOCK_FILE, lock)
 

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError
-from mmfm_jax.utils import as_path, copy_tree, is_local
+from mmfm_jax.storage import as_path, copy_tree, is_local
 
 log = logging.getLogger(__name__)
 
