@@ -11,9 +11,9 @@ from flax import nnx
 
 from mmfm_jax.cli import run_job
 from mmfm_jax.config_utils import ConfigError, load_config
-from mmfm_jax.flow.gm_ops import GM
 from mmfm_jax.models.ditdh import DiTDH, ditdh_config, ditdh_flops_per_example, ditdh_param_count
 from mmfm_jax.models.mlp import MLPVelocity
+from mmfm_jax.ops.gm import GM
 
 K = 4  # source modes of the tiny GMM table
 

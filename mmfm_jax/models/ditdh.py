@@ -15,7 +15,7 @@ residual stream stays fp32 (as under torch autocast).
 ``K (C_in + 1)`` per latent pixel and split by ``models.gm_head.GMHead.split`` into K velocity means and K logits;
 the shared log-std per sample comes from GMHead's MLP on the stop-gradient conditioning ``t_emb [+ mode_emb]``
 (zero-initialised last layer: s = 1 at init). The model then returns the velocity GM
-``flow.gm_ops.GM(means [B, L, K, C_in], logweights [B, L, K], logstds [B, 1, 1, 1])`` in fp32.
+``ops.gm.GM(means [B, L, K, C_in], logweights [B, L, K], logstds [B, 1, 1, 1])`` in fp32.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm_jax.flow.gm_ops import GM
 from mmfm_jax.models.gm_head import GMHead
 from mmfm_jax.models.layers import (
     REMAT_POLICIES,
@@ -50,6 +49,7 @@ from mmfm_jax.models.layers import (
     xavier_uniform,
     zeros,
 )
+from mmfm_jax.ops.gm import GM
 from mmfm_jax.utils import dtype_from_name
 
 

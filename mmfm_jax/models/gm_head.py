@@ -2,7 +2,7 @@
 
 Per token: K velocity means and K mixture logits (log-softmax over K); per sample: one shared log-std from a small
 MLP on the *stop-gradient* conditioning vector (SiLU -> Linear(cond, inner) -> SiLU -> Linear(inner, 1), the last
-layer zero-initialised so s = 1 at init), or a fixed ``constant_logstd``. The output is a ``flow.gm_ops.GM``:
+layer zero-initialised so s = 1 at init), or a fixed ``constant_logstd``. The output is a ``ops.gm.GM``:
 ``means [B, L, K, C]``, ``logweights [B, L, K]``, ``logstds [B, 1, 1, 1]``, all fp32, describing the velocity
 ``u = x_source - x_data`` (our convention: ``x_t = (1 - t) x_data + t x_source``).
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import mmfm_jax.parallel  # noqa: F401  (sets flax_always_shard_variable = False: logical names stay metadata)
-from mmfm_jax.flow.gm_ops import GM
+from mmfm_jax.ops.gm import GM
 
 F32 = jnp.float32
 

@@ -8,7 +8,7 @@ Options:
 - ``num_modes > 0``: mode-conditional (MM-FM): ``y [B]`` int (the source mode k) enters as a one-hot concatenated
   to the input.
 - ``head='gm'`` (GMFlow): the output is the velocity GM of the flat vector as one token,
-  ``flow.gm_ops.GM(means [B, 1, K, D], logweights [B, 1, K], logstds [B, 1, 1, 1])`` (fp32), from a
+  ``ops.gm.GM(means [B, 1, K, D], logweights [B, 1, K], logstds [B, 1, 1, 1])`` (fp32), from a
   ``models.gm_head.GMHead`` on the last hidden layer (xavier projection; the shared log-std from its MLP on the
   stop-gradient time features [+ one-hot mode], zero-initialised last layer, or ``gm_constant_logstd``).
 """
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import mmfm_jax.parallel  # noqa: F401  (logical axis names are metadata only; parallel.py maps them)
-from mmfm_jax.flow.gm_ops import GM
 from mmfm_jax.models.gm_head import GMHead
+from mmfm_jax.ops.gm import GM
 
 HEADS = ("velocity", "gm")
 
