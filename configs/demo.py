@@ -16,13 +16,13 @@ import dataclasses
 import ml_collections
 
 from mmfm_jax.config_utils import base_config
-from mmfm_jax.models.ditdh import ditdh_config
+from mmfm_jax.models.ditdh import DiTDHConfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
-    m = dataclasses.asdict(ditdh_config("tiny", in_channels=1, input_size=8, hidden_size=(32, 64), depth=(2, 1),
-                                        num_heads=(2, 4), num_modes=16))
+    m = dataclasses.asdict(DiTDHConfig.preset("tiny", in_channels=1, input_size=8, hidden_size=(32, 64),
+                                              depth=(2, 1), num_heads=(2, 4), num_modes=16))
     m.pop("dtype")
     c.model = ml_collections.ConfigDict(dict(preset="tiny", **m))
     c.settings = ("gaussian", "gmm_indep", "gmm_mode", "gmm_mode_cond")

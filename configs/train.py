@@ -30,7 +30,7 @@ import dataclasses
 import ml_collections
 
 from mmfm_jax.config_utils import base_config
-from mmfm_jax.models.ditdh import ditdh_config
+from mmfm_jax.models.ditdh import DiTDHConfig
 from mmfm_jax.train.optim import epochs_to_steps
 
 STEPS_PER_EPOCH = 1251  # 1,281,167 images at global batch 1024 (reference sampler, drop_last)
@@ -40,7 +40,7 @@ ENCODER_VARIANTS = {"xl_mode_siglip2_b": ("siglip2_b", 8), "xl_uncond_gmm_siglip
 
 
 def _model(preset: str, **overrides) -> ml_collections.ConfigDict:
-    d = dataclasses.asdict(ditdh_config(preset, **overrides))
+    d = dataclasses.asdict(DiTDHConfig.preset(preset, **overrides))
     d.pop("dtype")  # set by train.compute_dtype
     return ml_collections.ConfigDict(dict(preset=preset, **d))
 

@@ -35,7 +35,7 @@ from mmfm_jax.convert.ditdh import load_official_ditdh  # noqa: E402
 from mmfm_jax.convert.inception import load_inception  # noqa: E402
 from mmfm_jax.data.stats import load_stats  # noqa: E402
 from mmfm_jax.eval.resize import pytorch_fid_inputs  # noqa: E402
-from mmfm_jax.models.ditdh import ditdh_config  # noqa: E402
+from mmfm_jax.models.ditdh import DiTDHConfig  # noqa: E402
 from mmfm_jax.torch_io import TRUST_PICKLE_ENV, CheckpointError  # noqa: E402
 
 FIX = REPO / "tests" / "fixtures"
@@ -93,7 +93,7 @@ def ditdh_parity(path: Path) -> str:
     a = arrays("ditdh_small.npz")
     x, t, y = tokens(a["input/x"]), a["input/t"], a["input/y"].astype(np.int32)
     with jax.default_matmul_precision("highest"):
-        model = load_official_ditdh(path, ditdh_config("parity"))
+        model = load_official_ditdh(path, DiTDHConfig.preset("parity"))
         v = jax.jit(lambda m, *args: m(*args))(model, x, t, y)
     err = rel_err(v, tokens(a["output/velocity_cond"]))
     need(err < TOL, f"velocity_cond rel err {err:.3g} >= {TOL}")

@@ -6,7 +6,7 @@ import functools
 import jax
 import numpy as np
 
-from mmfm_jax.flow.gm_ops import GM, GaussianSource
+from mmfm_jax.ops.gm import GM, GaussianSource
 
 A = np.array([[2.0, 0.0], [-2.0, 1.0], [0.0, -2.5]], np.float32)
 LW = np.log(np.array([0.5, 0.3, 0.2], np.float32))

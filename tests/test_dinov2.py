@@ -67,7 +67,7 @@ def model(ckpt_dir):
     return load_dinov2(ckpt_dir)
 
 
-@pytest.mark.parametrize("impl", ["auto", "dpa"])
+@pytest.mark.parametrize("impl", ["auto", "xla"])
 def test_parity_with_transformers(fixture, model, ckpt_dir, impl):
     spec, a = fixture
     if impl != "auto":
@@ -187,7 +187,7 @@ def test_presets_bf16_and_sharding_names():
     assert cfg.num_register_tokens == 4
     assert cfg.pretrained_grid == 37 and cfg.mlp_hidden == 3072
     assert Dinov2Config.preset("giant").mlp_hidden == 4096
-    assert Dinov2Config.preset("large", registers=False).num_register_tokens == 0
+    assert Dinov2Config.preset("large", num_register_tokens=0).num_register_tokens == 0
     tiny = Dinov2Config.preset("fixture_small", num_hidden_layers=1, image_size=56, dtype="bfloat16")
     m = Dinov2(tiny, rngs=nnx.Rngs(0))
     out = make_forward_fn(m)(jnp.zeros((2, 28, 42, 3)))

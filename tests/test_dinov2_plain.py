@@ -66,7 +66,7 @@ def test_loader_detects_plain_variant(model, fixture):
     assert cfg.layer_norm_eps == 1e-6 and cfg.mlp_hidden == 192 and not cfg.use_swiglu_ffn
 
 
-@pytest.mark.parametrize("impl", ["auto", "dpa"])
+@pytest.mark.parametrize("impl", ["auto", "xla"])
 def test_parity_with_transformers(model, ckpt_dir, fixture, impl):
     spec, a = fixture
     if impl != "auto":

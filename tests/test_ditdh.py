@@ -18,8 +18,8 @@ from mmfm_jax.convert.ditdh import (
 )
 from mmfm_jax.models.ditdh import (
     DiTDH,
+    DiTDHConfig,
     abstract_ditdh,
-    ditdh_config,
     ditdh_flops_per_example,
     ditdh_param_count,
 )
@@ -59,8 +59,9 @@ def fx(fixtures_dir):
 def test_parity_with_official(fx):
     a, x, t, y = fx["a"], fx["x"], fx["t"], fx["y"]
     with jax.default_matmul_precision("highest"):
-        main = load_official_ditdh(fx["path"], ditdh_config("parity"), prefix="param/")
-        uncond = load_official_ditdh(fx["path"], ditdh_config("parity", use_y_conditioning=False), prefix="param/")
+        main = load_official_ditdh(fx["path"], DiTDHConfig.preset("parity"), prefix="param/")
+        uncond = load_official_ditdh(fx["path"], DiTDHConfig.preset("parity", use_y_conditioning=False),
+                                     prefix="param/")
         guide = load_official_ditdh(fx["path"], prefix="param_guide/")  # config inferred from shapes
         v_main, v_uncond, v_guide = (np.asarray(jax.jit(lambda m, *args: m(*args))(m, x, t, yy))
                                      for m, yy in ((main, y), (uncond, None), (guide, y)))
@@ -82,7 +83,7 @@ def test_parity_with_official(fx):
 
 
 def test_xl_param_count_without_allocating():
-    cfg = ditdh_config("XL")  # mode-conditional: 8192-row table
+    cfg = DiTDHConfig.preset("XL")  # mode-conditional: 8192-row table
     model = abstract_ditdh(cfg)
     leaves = jax.tree.leaves(nnx.state(model))
     assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
@@ -95,7 +96,7 @@ def test_xl_param_count_without_allocating():
 
 
 def test_official_init_and_buffers():
-    cfg = ditdh_config("tiny")
+    cfg = DiTDHConfig.preset("tiny")
     m = make(cfg)
     x = jax.random.normal(jax.random.key(1), (2, cfg.num_tokens, cfg.in_channels))
     t = jnp.array([0.1, 0.9])
@@ -127,12 +128,12 @@ def _random_tree(cfg, seed=0):
 
 
 def test_scan_and_remat_equal_loop(fx):
-    base = ditdh_config("parity")
+    base = DiTDHConfig.preset("parity")
     x, t, y = fx["x"][:2], fx["t"][:2], fx["y"][:2]
     with jax.default_matmul_precision("highest"):
         outs, grads = {}, {}
         for scan, remat in ((False, "none"), (True, "block"), (False, "dots")):
-            cfg = ditdh_config("parity", scan_layers=scan, remat=remat)
+            cfg = DiTDHConfig.preset("parity", scan_layers=scan, remat=remat)
             m = ditdh_from_pure_dict(convert_ditdh_state_dict(fx["sd"], cfg), cfg)
             gdef, state = nnx.split(m)
 
@@ -156,14 +157,14 @@ def test_bf16_close_to_fp32(fx):
     x, t, y = fx["x"], fx["t"], fx["y"]
     outs = {}
     for dt in ("float32", "bfloat16"):
-        cfg = ditdh_config("parity", dtype=dt)
+        cfg = DiTDHConfig.preset("parity", dtype=dt)
         m = ditdh_from_pure_dict(convert_ditdh_state_dict(fx["sd"], cfg), cfg)
         outs[dt] = np.asarray(jax.jit(lambda m: m(x, t, y))(m))
         assert outs[dt].dtype == np.float32
     err = rel_err(outs["bfloat16"], outs["float32"])
     assert 0 < err < 3e-2, err
     # bf16 residual streams (model.residual_dtype): a speed option, close to the fp32-residual bf16 model
-    cfg = ditdh_config("parity", dtype="bfloat16", residual_dtype="bfloat16")
+    cfg = DiTDHConfig.preset("parity", dtype="bfloat16", residual_dtype="bfloat16")
     m = ditdh_from_pure_dict(convert_ditdh_state_dict(fx["sd"], cfg), cfg)
     v = np.asarray(jax.jit(lambda m: m(x, t, y))(m))
     assert v.dtype == np.float32
@@ -171,11 +172,11 @@ def test_bf16_close_to_fp32(fx):
     assert 0 < err_res < 5e-2 and not np.array_equal(v, outs["bfloat16"]), err_res
     # an unknown residual dtype fails, naming the field
     with pytest.raises(ValueError, match="residual_dtype"):
-        ditdh_config("parity", residual_dtype="float16")
+        DiTDHConfig.preset("parity", residual_dtype="float16")
 
 
 def test_sharded_forward_equals_single_device(fx):
-    cfg = ditdh_config("parity", scan_layers=True)
+    cfg = DiTDHConfig.preset("parity", scan_layers=True)
     m = ditdh_from_pure_dict(convert_ditdh_state_dict(fx["sd"], cfg), cfg)
     gdef, state = nnx.split(m)
     rng = np.random.default_rng(0)
@@ -200,7 +201,7 @@ def test_sharded_forward_equals_single_device(fx):
 
 
 def test_converter_errors(fx):
-    sd, cfg = fx["sd"], ditdh_config("parity")
+    sd, cfg = fx["sd"], DiTDHConfig.preset("parity")
     bad = {k: v for k, v in sd.items() if k != "blocks.1.attn.proj.bias"}
     with pytest.raises(CheckpointError, match=r"missing key 'blocks\.1\.attn\.proj\.bias'"):
         convert_ditdh_state_dict(bad, cfg)
@@ -217,7 +218,7 @@ def test_converter_errors(fx):
     with pytest.raises(CheckpointError, match="missing key 's_embedder.proj.weight'"):
         infer_ditdh_config({})
     # the unconditional variant explains (drops) the mode table; the RoPE buffers equal our tables
-    tree = convert_ditdh_state_dict(sd, ditdh_config("parity", use_y_conditioning=False))
+    tree = convert_ditdh_state_dict(sd, DiTDHConfig.preset("parity", use_y_conditioning=False))
     assert "y_embedder" not in tree
     np.testing.assert_allclose(sd["enc_feat_rope.freqs_cos"], rope_2d_tables(16, 16)[0], atol=1e-6)
     # a DDP-wrapped state dict loads too
@@ -227,7 +228,7 @@ def test_converter_errors(fx):
 
 
 def test_patch_size_two_matches_conv_and_unpatchify():
-    cfg = ditdh_config("tiny", patch_size=2, in_channels=3, input_size=8, depth=(1, 1))
+    cfg = DiTDHConfig.preset("tiny", patch_size=2, in_channels=3, input_size=8, depth=(1, 1))
     tree = _random_tree(cfg)
     m = ditdh_from_pure_dict(tree, cfg)
     rng = np.random.default_rng(0)
@@ -265,7 +266,7 @@ def _dot_flops(jaxpr) -> float:
 
 
 def test_flops_match_traced_matmuls():
-    for cfg in (ditdh_config("tiny"), ditdh_config("tiny", hidden_size=(96, 96), use_y_conditioning=False)):
+    for cfg in (DiTDHConfig.preset("tiny"), DiTDHConfig.preset("tiny", hidden_size=(96, 96), use_y_conditioning=False)):
         m = abstract_ditdh(cfg)
         gdef, state = nnx.split(m)
         x = jax.ShapeDtypeStruct((1, cfg.num_tokens, cfg.in_channels), jnp.float32)
@@ -273,7 +274,7 @@ def test_flops_match_traced_matmuls():
         y = jax.ShapeDtypeStruct((1,), jnp.int32)
         jaxpr = jax.make_jaxpr(lambda s, x, t, y, gdef=gdef: nnx.merge(gdef, s)(x, t, y))(state, x, t, y)
         assert _dot_flops(jaxpr.jaxpr) == ditdh_flops_per_example(cfg)
-    xl = ditdh_flops_per_example(ditdh_config("XL"))
+    xl = ditdh_flops_per_example(DiTDHConfig.preset("XL"))
     assert 3.2e11 < xl < 3.3e11  # about 323 GFLOP per forward at 256 tokens
 
 
@@ -285,7 +286,7 @@ def test_safetensors_checkpoint_loads_like_the_npz(fx, tmp_path):
     with jax.default_matmul_precision("highest"):
         m = load_official_ditdh(path)  # config inferred from the shapes
         v = np.asarray(call(m, fx["x"], fx["t"], fx["y"]))
-    assert m.config == ditdh_config("parity")
+    assert m.config == DiTDHConfig.preset("parity")
     assert rel_err(v, tokens(fx["a"]["output/velocity_cond"])) < 1e-5
     # a truncated file is a clear error, not a crash or silently missing weights
     data = path.read_bytes()

@@ -31,13 +31,13 @@ def test_head_layout_and_init():
     np.testing.assert_allclose(gm.logweights, jax.nn.log_softmax(raw[..., K * C:]), atol=1e-5)
     # logical axis names are metadata for parallel.state_shardings
     assert head.proj_kernel.get_metadata()["out_sharding"] == ("embed", "channels")
-    assert head.logstd_layers[1]["kernel"].get_metadata()["out_sharding"] == ("mlp", None)
-    assert head.logstd_layers[0]["kernel"].shape == (DC, 32)
+    assert head.logstd_layers[1].kernel.get_metadata()["out_sharding"] == ("mlp", None)
+    assert head.logstd_layers[0].kernel.shape == (DC, 32)
 
 
 def test_logstd_uses_stop_gradient_condition_and_constant_option():
     head = GMHead(D, C, K, DC, rngs=nnx.Rngs(0), logstd_inner_dim=32)
-    head.logstd_layers[1]["kernel"][...] = jnp.ones((32, 1)) * 0.1  # make the log-std depend on cond
+    head.logstd_layers[1].kernel[...] = jnp.ones((32, 1)) * 0.1  # make the log-std depend on cond
     feats, cond = _inputs()
     ls = head.logstd(cond)
     assert float(jnp.abs(ls).max()) > 0
@@ -47,7 +47,7 @@ def test_logstd_uses_stop_gradient_condition_and_constant_option():
     np.testing.assert_array_equal(const(feats, cond).logstds, -1.5)
     assert len(const.logstd_layers) == 0
     deep = GMHead(D, C, K, DC, rngs=nnx.Rngs(0), logstd_inner_dim=12, num_logstd_layers=3)
-    assert [layer["kernel"].shape for layer in deep.logstd_layers] == [(DC, 12), (12, 12), (12, 1)]
+    assert [layer.kernel.shape for layer in deep.logstd_layers] == [(DC, 12), (12, 12), (12, 1)]
 
 
 def test_split_only_head_and_bf16_compute():

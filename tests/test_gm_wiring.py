@@ -12,9 +12,9 @@ from flax import nnx
 from mmfm_jax.cli import run_job
 from mmfm_jax.config_files import load_config
 from mmfm_jax.config_utils import ConfigError
-from mmfm_jax.flow.gm_ops import GM
-from mmfm_jax.models.ditdh import DiTDH, ditdh_config, ditdh_flops_per_example, ditdh_param_count
+from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example, ditdh_param_count
 from mmfm_jax.models.mlp import MLPVelocity
+from mmfm_jax.ops.gm import GM
 
 K = 4  # source modes of the tiny GMM table
 
@@ -65,7 +65,7 @@ def gm_run(tmp_path_factory, repo_dir):
 
 def test_ditdh_gm_head_layout_and_flops():
     small = dict(patch_size=2, hidden_size=(32, 48), depth=(1, 1), num_heads=(2, 2))
-    cfg = ditdh_config("tiny", head="gm", gm_components=3, gm_logstd_inner=16, **small)
+    cfg = DiTDHConfig.preset("tiny", head="gm", gm_components=3, gm_logstd_inner=16, **small)
     model = DiTDH(cfg, nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 16)), jnp.float32)
     gm = nnx.jit(lambda m, *a: m(*a))(model, x, jnp.asarray([0.3, 0.8]), jnp.asarray([1, 2]))
@@ -77,13 +77,13 @@ def test_ditdh_gm_head_layout_and_flops():
     assert float(jnp.std(gm.means)) > 0.1  # xavier final linear: the K components differ at init
     assert float(jnp.max(jnp.abs(gm.means[:, :, 0] - gm.means[:, :, 1]))) > 1e-2
     # the wider final linear (p^2 K (C + 1) outputs) and the log-std MLP, in the FLOPs and the parameter count
-    vel = ditdh_config("tiny", **small)
+    vel = DiTDHConfig.preset("tiny", **small)
     n, dh, ds = vel.num_tokens, vel.hidden_size[1], vel.hidden_size[0]
     extra = n * dh * (4 * 3 * 17 - 64) + ds * 16 + 16
     assert ditdh_flops_per_example(cfg) - ditdh_flops_per_example(vel) == 2 * extra
     assert ditdh_param_count(cfg) - ditdh_param_count(vel) == (dh + 1) * (4 * 3 * 17 - 64) + (ds + 1) * 16 + 17
     with pytest.raises(ValueError, match="DiTDHConfig.head"):
-        ditdh_config("tiny", head="flow")
+        DiTDHConfig.preset("tiny", head="flow")
 
 
 def test_mlp_gm_head_and_modes():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from gm_fixture import LW, S0, SOURCES, A, grid2d, np_gm_logpdf, rand_gm
 
-from mmfm_jax.flow import gm_ops as ops
 from mmfm_jax.flow import gmflow as gf
-from mmfm_jax.flow.gm_ops import GM, GaussianSource
 from mmfm_jax.flow.loss import fm_loss_per_sample
+from mmfm_jax.ops import gm as ops
+from mmfm_jax.ops.gm import GM, GaussianSource
 
 # ------------------------------------------------------------------------------------------------------------
 # Closed forms

@@ -8,9 +8,9 @@ import pytest
 from gm_fixture import DIAG, LW, S0, SOURCES, A, rand_gm
 
 from mmfm_jax.config_utils import ConfigError
-from mmfm_jax.flow import gm_ops as ops
 from mmfm_jax.flow import gmflow as gf
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
+from mmfm_jax.ops import gm as ops
 
 # ------------------------------------------------------------------------------------------------------------
 # Solvers

@@ -39,10 +39,6 @@ JOBS_SHARED = {"mmfm_jax.jobs", "mmfm_jax.jobs.common"}  # the registry and the 
 
 # Known violations that changes under way remove. Delete an entry with the import it names.
 KNOWN_IMPORTS: dict[tuple[str, str], str] = {
-    # gm_ops moves to ops/ (models and flow share it)
-    ("mmfm_jax.models.ditdh", "mmfm_jax.flow.gm_ops"): "gm_ops moves to ops/",
-    ("mmfm_jax.models.gm_head", "mmfm_jax.flow.gm_ops"): "gm_ops moves to ops/",
-    ("mmfm_jax.models.mlp", "mmfm_jax.flow.gm_ops"): "gm_ops moves to ops/",
     # the digits demo and the toy study move to experiments/; the sampling job's GM helpers move out of jobs/
     ("mmfm_jax.jobs.demo", "mmfm_jax.jobs.demo_report"): "the demo moves to experiments/",
     ("mmfm_jax.jobs.demo", "mmfm_jax.jobs.demo_gm"): "the demo moves to experiments/",
@@ -51,14 +47,10 @@ KNOWN_IMPORTS: dict[tuple[str, str], str] = {
     ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.demo_report"): "the demo moves to experiments/",
     ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.gm_report"): "the demo moves to experiments/",
     ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.train"): "the demo moves to experiments/ and trains through the Trainer",
-    ("mmfm_jax.jobs.toy", "mmfm_jax.jobs.toy_gm"): "the toy study moves to experiments/",
-    ("mmfm_jax.jobs.toy_gm", "mmfm_jax.jobs.toy"): "the toy study moves to experiments/",
-    ("mmfm_jax.jobs.toy_gm", "mmfm_jax.jobs.gm_report"): "the toy study moves to experiments/",
     ("mmfm_jax.jobs.sample", "mmfm_jax.jobs.sample_gm"): "the sample job becomes wiring",
 }
 KNOWN_CYCLES: list[set[str]] = [
     {"mmfm_jax.jobs.demo", "mmfm_jax.jobs.demo_gm"},  # the demo moves to experiments/
-    {"mmfm_jax.jobs.toy", "mmfm_jax.jobs.toy_gm"},  # the toy study moves to experiments/
 ]
 
 Graph = dict[str, list[tuple[str, int]]]  # module -> [(imported module, line)]

@@ -319,9 +319,9 @@ def test_labels_out_of_range_stop_with_a_clear_error(repo_dir, tmp_path):
 @pytest.mark.parametrize("dtype,rtol", [("float32", 2e-5), ("bfloat16", 2e-2)])
 def test_ditdh_step_sharded_equals_single_device(dtype, rtol):
     """The real model (tiny DiTDH, mode-conditional, GMM source + mode coupling) on 8 devices with FSDP == 1 device."""
-    from mmfm_jax.models.ditdh import DiTDH, ditdh_config
+    from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
 
-    mcfg = ditdh_config("tiny", input_size=4, in_channels=C, num_modes=K, dtype=dtype)
+    mcfg = DiTDHConfig.preset("tiny", input_size=4, in_channels=C, num_modes=K, dtype=dtype)
     lat = mcfg.input_size ** 2
     r = np.random.default_rng(7)
     src = ModeSource(_source().gmm, np.asarray(r.normal(size=(K, lat, C)), np.float32),

@@ -49,13 +49,13 @@ def _torch_model(name: str, preset: str):
     import transformers as tf
 
     if name == "dinov2_b":
-        from mmfm_jax.models.dinov2 import _PRESETS
+        from mmfm_jax.models.dinov2 import Dinov2Config
 
-        p = _PRESETS[preset]
-        cfg = tf.Dinov2WithRegistersConfig(hidden_size=p["hidden_size"], num_hidden_layers=p["num_hidden_layers"],
-                                           num_attention_heads=p["num_attention_heads"],
-                                           intermediate_size=4 * p["hidden_size"], image_size=518,
-                                           num_register_tokens=4)
+        c = Dinov2Config.preset(preset)
+        cfg = tf.Dinov2WithRegistersConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                                           num_attention_heads=c.num_attention_heads, mlp_ratio=c.mlp_ratio,
+                                           use_swiglu_ffn=c.use_swiglu_ffn, image_size=c.image_size,
+                                           num_register_tokens=c.num_register_tokens)
         return tf.Dinov2WithRegistersModel(cfg).eval(), {}, 224
     if name == "siglip2_b":
         from mmfm_jax.models.siglip import SiglipVisionConfig

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     from mmfm_jax.gmm.diag import DiagGMM
     from mmfm_jax.gmm.source import ModeSource, sample_prior, shard_source
     from mmfm_jax.models.decoder import DecoderConfig, RAEDecoder, decode_latents, to_uint8
-    from mmfm_jax.models.ditdh import DiTDH, ditdh_config, ditdh_flops_per_example
+    from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig, ditdh_flops_per_example
     from mmfm_jax.utils import parse_compiler_options
 
     p = argparse.ArgumentParser(prog="python -m mmfm_jax.bench sample")
@@ -53,13 +53,13 @@ def main(argv: list[str]) -> None:
     n_dev = jax.device_count()
     g = -(-args.batch // n_dev) * n_dev
     rep = parallel.replicated(mesh)
-    mcfg = ditdh_config(args.preset, num_modes=args.modes, use_y_conditioning=True, dtype=args.dtype)
+    mcfg = DiTDHConfig.preset(args.preset, num_modes=args.modes, use_y_conditioning=True, dtype=args.dtype)
     main_m = DiTDH(mcfg, nnx.Rngs(0))
     gd, gstate = nnx.split(main_m)
     gstate = jax.device_put(gstate, rep)
     guide = None
     if not args.no_guide:
-        gcfg = ditdh_config(args.guide_preset, num_modes=args.modes, use_y_conditioning=True, dtype=args.dtype)
+        gcfg = DiTDHConfig.preset(args.guide_preset, num_modes=args.modes, use_y_conditioning=True, dtype=args.dtype)
         gg, gs = nnx.split(DiTDH(gcfg, nnx.Rngs(1)))
         guide = (gg, jax.device_put(gs, rep), gcfg)
     tokens, ch = mcfg.input_size ** 2, mcfg.in_channels

@@ -2,9 +2,9 @@
 (also with an AutoGuidance guide model) and guidance sweeps, on a Gaussian or an MM-FM mode-conditional source.
 
 Convention: ``x_t = (1 - t) x_data + t x_source`` (t = 0 data, t = 1 source), velocity ``u = x_source - x_data``;
-our t is GMFlow's ``sigma = T / 1000`` and the velocities coincide (see ``gm_ops`` and ``docs/gmflow.md``).
+our t is GMFlow's ``sigma = T / 1000`` and the velocities coincide (see ``ops.gm`` and ``docs/gmflow.md``).
 
-A GM network is ``gm_fn(x [B, *T, C], t [B] fp32) -> GM`` of the *velocity* (u) with the ``gm_ops.GM`` layout
+A GM network is ``gm_fn(x [B, *T, C], t [B] fp32) -> GM`` of the *velocity* (u) with the ``ops.gm.GM`` layout
 (what ``models.gm_head.GMHead`` emits). All GM arithmetic is fp32. Sampling integrates down a time grid from t = 1
 (source) to t = 0: ``gm_grid(num_steps, num_substeps, shift)`` is GMFlow's schedule, the same shifted grid as our
 Euler sampler (``flow.samplers.euler_grid(N + 1, shift, t_end=1.0)``), ending exactly at t = 0.
@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmfm_jax.config_utils import ConfigError
-from mmfm_jax.flow import gm_ops as ops
-from mmfm_jax.flow.gm_ops import F32, GM, GaussianSource
 from mmfm_jax.flow.loss import interpolate
 from mmfm_jax.flow.samplers import euler_grid
+from mmfm_jax.ops import gm as ops
+from mmfm_jax.ops.gm import F32, GM, GaussianSource
 
 GMFn = Callable[[jax.Array, jax.Array], GM]
 SOLVERS = ("ode", "sde")
@@ -64,7 +64,7 @@ def transition_inputs(x_data: jax.Array, x_source: jax.Array, t_high: jax.Array,
                       trans_ratio: float, source: GaussianSource | None = None) -> TransitionBatch:
     """The loss's (x_low, x_high): ``x_high = interpolate(x_data, x_source, t_high)`` (the usual flow-matching input,
     with the given, possibly mode-coupled, source sample) and x_low drawn from the Gaussian bridge
-    (:func:`gm_ops.bridge_sample`, ``noise`` ~ N(0, I) like x). Same joint law as GMFlow's (x_low, then the forward
+    (:func:`ops.gm.bridge_sample`, ``noise`` ~ N(0, I) like x). Same joint law as GMFlow's (x_low, then the forward
     transition). ``source`` = the per-mode N(mu, sigma^2) of each example (MM-FM) or None (N(0, I)); it only
     matters when trans_ratio < 1."""
     tl, th = transition_times(t_high, trans_ratio)
@@ -76,7 +76,7 @@ def transition_inputs(x_data: jax.Array, x_source: jax.Array, t_high: jax.Array,
 def transition_nll(gm_u: GM, batch: TransitionBatch, source: GaussianSource | None = None,
                    weight_scale: float = 2.0, eps: float = 1e-4) -> jax.Array:
     """GMFlow transition loss per sample [B] (fp32): the u-GM predicted at x_high mapped to a GM over x_low
-    (:func:`gm_ops.reverse_transition`), per-token NLL of x_low (:func:`gm_ops.gm_nll`: no 2 pi constant, 1/s
+    (:func:`ops.gm.reverse_transition`), per-token NLL of x_low (:func:`ops.gm.gm_nll`: no 2 pi constant, 1/s
     clamped at 1/eps), mean over tokens, times ``weight_scale`` (2.0 on ImageNet). The batch mean is GMFlow's
     'flatmean' loss."""
     gm_low = ops.reverse_transition(gm_u, batch.x_high, batch.t_low, batch.t_high, source)

@@ -1,6 +1,6 @@
 """The RAE pixel decoder (``GeneralDecoder``: HF ViT-MAE-style decoder, ViT-XL) in Flax NNX, and ``RAE.decode``.
 
-Forward (spec 2f): tokens ``[B, L, C]`` (de-normalised latent, row-major 16x16 grid) -> ``decoder_embed`` Linear
+Forward: tokens ``[B, L, C]`` (de-normalised latent, row-major 16x16 grid) -> ``decoder_embed`` Linear
 C -> D -> prepend the trainable [CLS] token -> ``+ decoder_pos_embed`` (fixed 2-D sin-cos, zero row for [CLS];
 loaded from the checkpoint) -> N pre-LN layers (``x += O(Attn(LN(x)))``, ``x += W2(GELU(W1(LN(x))))``, exact-erf
 GELU, LayerNorm eps 1e-12) -> ``decoder_norm`` -> ``decoder_pred`` Linear D -> p*p*3 -> drop [CLS] ->
@@ -13,15 +13,14 @@ is the sampling scripts' conversion (clamp to [0, 1], x255, truncate).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import mmfm_jax.parallel  # noqa: F401  (turns off flax's eager variable sharding: logical names are metadata)
-from mmfm_jax.models.layers import Attention, Buffer, Dense, param, sincos_pos_embed_2d
+from mmfm_jax.models.layers import Attention, Buffer, Dense, LayerNorm, param, preset_config, sincos_pos_embed_2d
 from mmfm_jax.utils import dtype_from_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,7 +33,7 @@ class DecoderConfig:
     """Decoder shape. Defaults = RAE ``configs/decoder/ViTXL`` for DINOv2-B latents (415,352,704 params).
 
     ``dtype``: matmul dtype (``'float32'`` or ``'bfloat16'``); params, LayerNorm statistics, softmax and the output
-    stay float32. ``attention``: ``'auto' | 'xla' | 'cudnn'`` (see ``layers.attention_impl``).
+    stay float32. ``attention``: ``'auto' | 'xla' | 'cudnn' | 'matmul'`` (see ``layers.attention_impl``).
     """
 
     latent_dim: int = 768
@@ -51,6 +50,12 @@ class DecoderConfig:
     dtype: str = "float32"
     attention: str = "auto"
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "XL": {},  # the official ViT-XL decoder
+        # the small official decoder of the parity fixture tests/fixtures/rae_decoder_small.json
+        "parity": dict(latent_dim=32, hidden=64, layers=2, heads=4, mlp=128, patch=4, image_size=64),
+    }
+
     @property
     def grid(self) -> int:
         return self.image_size // self.patch
@@ -61,32 +66,8 @@ class DecoderConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DecoderConfig:
-        """``'XL'`` (the real decoder) or ``'parity'`` (``shared/parity/rae_decoder_small``)."""
-        if name not in PRESETS:
-            raise ValueError(f"DecoderConfig.preset: unknown {name!r} (choose from {sorted(PRESETS)})")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-
-PRESETS: dict[str, DecoderConfig] = {
-    "XL": DecoderConfig(),
-    "parity": DecoderConfig(latent_dim=32, hidden=64, layers=2, heads=4, mlp=128, patch=4, image_size=64),
-}
-
-
-class LayerNorm(nnx.Module):
-    """torch ``LayerNorm`` (biased variance) in fp32, with scale/bias named ``embed``."""
-
-    def __init__(self, dim: int, eps: float):
-        self.eps = eps
-        self.scale = param(jnp.ones((dim,), jnp.float32), ("embed",))
-        self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mu = jnp.mean(xf, axis=-1, keepdims=True)
-        xc = xf - mu
-        var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-        return xc * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        """``'XL'`` (the real decoder) or ``'parity'`` (the parity fixture's small decoder), with field overrides."""
+        return preset_config(cls, cls.PRESETS, name, overrides)
 
 
 class DecoderLayer(nnx.Module):

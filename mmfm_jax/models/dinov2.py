@@ -13,74 +13,60 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import mmfm_jax.parallel  # noqa: F401  (turns off flax's eager variable sharding: logical names are metadata)
+from mmfm_jax.models.layers import Dense, HostRandom, LayerNorm, attention, attention_impl, param
+from mmfm_jax.models.vit_encoder import ViTConfig, gelu, normalize_latent, patchify
 from mmfm_jax.ops.resize import resize_token_grid
 from mmfm_jax.utils import dtype_from_name
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
-    "giant": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True),
-    # the parity fixture's tiny model (shared/parity/dinov2_reg_small.json)
-    "fixture_small": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4),
-}
-
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config:
-    """HF-like DINOv2 config. Defaults = ``facebook/dinov2-with-registers-base``.
+class Dinov2Config(ViTConfig):
+    """HF-like DINOv2 config: a ``ViTConfig`` with DINOv2's options (registers, LayerScale, SwiGLU FFN).
+    Defaults = ``facebook/dinov2-with-registers-base``.
 
-    ``num_register_tokens`` 0 gives the plain ``Dinov2Model``. ``pos_embed_antialias`` None = transformers' choice
-    (True with registers, False without). ``dtype``: matmul/activation dtype (``'float32'`` or ``'bfloat16'``);
-    parameters, LayerNorm statistics, softmax and the output stay float32. ``attention_impl``: how attention is
-    computed (same numbers up to float rounding); ``'auto'`` picks heads-major batched matmuls on CPU (the attention
-    part ran about 2x faster than XLA's ``dot_product_attention`` on jax 0.10.2; on par on jax 0.11.2) and
-    ``jax.nn.dot_product_attention`` elsewhere.
+    ``num_register_tokens`` 0 gives the plain ``Dinov2Model``. ``layerscale_value``: initial LayerScale (``ls1``,
+    ``ls2``). ``intermediate_size`` None: the MLP width from ``mlp_ratio`` as transformers computes it.
+    ``pos_embed_antialias`` None = transformers' choice (True with registers, False without). ``dtype``:
+    matmul/activation dtype (``'float32'`` or ``'bfloat16'``); parameters, LayerNorm statistics, softmax and the
+    output stay float32. ``attention_impl``: ``'auto'`` picks heads-major batched matmuls (``'matmul'``) on CPU and
+    ``layers.attention_impl``'s choice elsewhere (same numbers up to float rounding).
     """
 
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    mlp_ratio: float = 4.0
-    patch_size: int = 14
-    num_channels: int = 3
+    intermediate_size: int | None = None
     image_size: int = 518
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    mlp_ratio: float = 4.0
     num_register_tokens: int = 4
     layerscale_value: float = 1.0
-    layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
     use_swiglu_ffn: bool = False
-    hidden_act: str = "gelu"
     pos_embed_antialias: bool | None = None
-    dtype: str = "float32"
-    attention_impl: str = "auto"  # 'dpa' (jax.nn.dot_product_attention) | 'matmul' | 'auto' (matmul on CPU)
 
-    def __post_init__(self):
-        if self.attention_impl not in ("auto", "dpa", "matmul"):
-            raise ValueError(f"Dinov2Config.attention_impl: {self.attention_impl!r} not in ('auto', 'dpa', 'matmul')")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"Dinov2Config: hidden_size {self.hidden_size} not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-        dtype_from_name(self.dtype, "dinov2.dtype")
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+        "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+        "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+        "giant": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True),
+        # the tiny model of the parity fixture tests/fixtures/dinov2_reg_small.json
+        "fixture_small": dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4),
+    }
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @property
-    def pretrained_grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
     def mlp_hidden(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         hidden = int(self.hidden_size * self.mlp_ratio)
         if self.use_swiglu_ffn:  # transformers: two thirds, rounded up to a multiple of 8
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
@@ -91,134 +77,47 @@ class Dinov2Config:
         return self.num_register_tokens > 0 if self.pos_embed_antialias is None else bool(self.pos_embed_antialias)
 
     @classmethod
-    def preset(cls, name: str, registers: bool = True, **overrides: Any) -> Dinov2Config:
-        """``'small' | 'base' | 'large' | 'giant' | 'fixture_small'``; ``registers=False`` -> plain Dinov2Model."""
-        if name not in _PRESETS:
-            raise ValueError(f"Dinov2Config.preset: unknown {name!r} (choose from {sorted(_PRESETS)})")
-        kw = dict(_PRESETS[name], num_register_tokens=4 if registers else 0)
-        kw.update(overrides)
-        return cls(**kw)
+    def preset(cls, name: str, **overrides: Any) -> Dinov2Config:
+        """``'small' | 'base' | 'large' | 'giant' | 'fixture_small'``, with registers; ``num_register_tokens=0``
+        gives the plain ``Dinov2Model``."""
+        return super().preset(name, **overrides)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], **overrides: Any) -> Dinov2Config:
-        """From a transformers ``config.json`` dict (``model_type`` ``dinov2`` or ``dinov2_with_registers``)."""
-        kw: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in d:
-                kw[f.name] = d[f.name]
-        for k in ("image_size", "patch_size"):
-            v = kw.get(k)
-            if isinstance(v, list | tuple):
-                if len(set(v)) != 1:
-                    raise ValueError(f"config.json: non-square {k}={v} is not supported")
-                kw[k] = int(v[0])
-        if "num_register_tokens" not in d:
-            kw["num_register_tokens"] = 0
-        if kw.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"config.json: hidden_act={kw['hidden_act']!r} is not supported (only 'gelu')")
-        kw.update(overrides)
-        return cls(**kw)
-
-
-class _Init:
-    """Random initial values (tests and benchmarks only: real weights are loaded). Concrete keys draw with numpy
-    (eager ``jax.random`` compiles once per shape: seconds for a whole model); traced keys (``nnx.eval_shape``,
-    ``nnx.jit``) use ``jax.random``."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        key = rngs.params()
-        self.key, self.gen = key, None
-        if not isinstance(key, jax.core.Tracer):
-            self.gen = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-
-    def __call__(self, shape: tuple[int, ...], names: tuple[str | None, ...], std: float | None = None,
-                 value: float | None = None) -> nnx.Param:
-        std = 0.02 if std is None else std
-        if value is not None:
-            x = jnp.asarray(np.full(shape, value, np.float32))
-        elif self.gen is not None:
-            x = jnp.asarray(self.gen.standard_normal(shape, dtype=np.float32) * np.float32(std))
-        else:
-            self.key, k = jax.random.split(self.key)
-            x = jax.random.normal(k, shape, jnp.float32) * std
-        return nnx.Param(x, sharding_names=names)
-
-
-def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
-    """LayerNorm over the last axis in float32 (biased variance, as torch); ``scale``/``bias`` None = no affine."""
-    x = x.astype(jnp.float32)
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    xc = x - mu
-    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-    y = xc * jax.lax.rsqrt(var + eps)
-    if scale is not None:
-        y = y * scale
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, init: _Init):
-        self.eps = eps
-        self.scale = init((dim,), ("embed",), value=1.0)
-        self.bias = init((dim,), ("embed",), value=0.0)
-
-    def __call__(self, x: jax.Array, affine: bool = True) -> jax.Array:
-        if not affine:
-            return layer_norm(x, None, None, self.eps)
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
-
-
-class Dense(nnx.Module):
-    """``y = x @ kernel + bias`` with the kernel in ``[in, out]`` layout; matmul in ``dtype``, result float32."""
-
-    def __init__(self, din: int, dout: int, names: tuple[str | None, str | None], init: _Init,
-                 bias: bool = True, dtype: Any = jnp.float32):
-        self.dtype = dtype
-        self.kernel = init((din, dout), names, std=1.0 / math.sqrt(din))
-        self.bias = init((dout,), (names[1],), value=0.0) if bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y
+        """From a transformers ``config.json`` dict (``model_type`` ``dinov2`` or ``dinov2_with_registers``); keys it
+        leaves out take this class's defaults, except ``num_register_tokens`` (0)."""
+        return cls.from_dict(d, dict(num_register_tokens=0), **overrides)
 
 
 class Dinov2Layer(nnx.Module):
-    """Pre-LN block: ``h += ls1 * Attn(LN1(h)); h += ls2 * MLP(LN2(h))`` (fused qkv projection)."""
+    """Pre-LN block: ``h += ls1 * Attn(LN1(h)); h += ls2 * MLP(LN2(h))`` (fused qkv projection). Matmuls in the
+    config's dtype accumulate into float32 (the residual stream stays float32)."""
 
-    def __init__(self, cfg: Dinov2Config, init: _Init):
+    def __init__(self, cfg: Dinov2Config, init: HostRandom, *, rngs: nnx.Rngs):
         d, dt = cfg.hidden_size, jnp.dtype(dtype_from_name(cfg.dtype))
         self.cfg = cfg
         self.dtype = dt
-        self.norm1 = LayerNorm(d, cfg.layer_norm_eps, init)
-        self.qkv = Dense(d, 3 * d, ("embed", "heads"), init, bias=cfg.qkv_bias, dtype=dt)
-        self.proj = Dense(d, d, ("heads", "embed"), init, dtype=dt)
-        self.ls1 = init((d,), ("embed",), value=cfg.layerscale_value)
-        self.norm2 = LayerNorm(d, cfg.layer_norm_eps, init)
-        if cfg.use_swiglu_ffn:  # fc1 = [gate | up] concatenated, fc2 = down
-            self.fc1 = Dense(d, 2 * cfg.mlp_hidden, ("embed", "mlp"), init, dtype=dt)
-        else:
-            self.fc1 = Dense(d, cfg.mlp_hidden, ("embed", "mlp"), init, dtype=dt)
-        self.fc2 = Dense(cfg.mlp_hidden, d, ("mlp", "embed"), init, dtype=dt)
-        self.ls2 = init((d,), ("embed",), value=cfg.layerscale_value)
+
+        def dense(din: int, dout: int, names: tuple[str, str], bias: bool = True) -> Dense:
+            return Dense(din, dout, names=names, use_bias=bias, kernel_init=init.init(1.0 / math.sqrt(din)),
+                         bias_init=nnx.initializers.zeros, dtype=dt, out_dtype=jnp.float32, rngs=rngs)
+
+        self.norm1 = LayerNorm(d, cfg.layer_norm_eps)
+        self.qkv = dense(d, 3 * d, ("embed", "heads"), bias=cfg.qkv_bias)
+        self.proj = dense(d, d, ("heads", "embed"))
+        self.ls1 = param(jnp.full((d,), cfg.layerscale_value, jnp.float32), ("embed",))
+        self.norm2 = LayerNorm(d, cfg.layer_norm_eps)
+        # SwiGLU: fc1 = [gate | up] concatenated, fc2 = down
+        self.fc1 = dense(d, (2 if cfg.use_swiglu_ffn else 1) * cfg.mlp_hidden, ("embed", "mlp"))
+        self.fc2 = dense(cfg.mlp_hidden, d, ("mlp", "embed"))
+        self.ls2 = param(jnp.full((d,), cfg.layerscale_value, jnp.float32), ("embed",))
 
     def attention(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         h = self.cfg.num_attention_heads
         qkv = self.qkv(x).astype(self.dtype).reshape(b, n, 3, h, d // h)
-        impl = self.cfg.attention_impl
-        if impl == "auto":
-            impl = "matmul" if jax.default_backend() == "cpu" else "dpa"
-        if impl == "dpa":
-            o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        else:  # heads-major batched matmuls (faster than dot_product_attention on XLA:CPU in jax 0.10)
-            qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
-            s = jnp.matmul(qkv[0], qkv[1].swapaxes(-1, -2), preferred_element_type=jnp.float32)
-            p = jax.nn.softmax(s * (d // h) ** -0.5, axis=-1).astype(self.dtype)
-            o = jnp.matmul(p, qkv[2], preferred_element_type=jnp.float32).astype(self.dtype).transpose(0, 2, 1, 3)
+        impl = attention_impl(self.cfg.attention_impl, self.dtype, d // h, cpu_impl="matmul")
+        o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl)
         return self.proj(o.reshape(b, n, d))
 
     def mlp(self, x: jax.Array) -> jax.Array:
@@ -227,7 +126,7 @@ class Dinov2Layer(nnx.Module):
             gate, up = jnp.split(y, 2, axis=-1)
             y = jax.nn.silu(gate) * up
         else:
-            y = jax.nn.gelu(y, approximate=False)
+            y = gelu(y, self.cfg.hidden_act)
         return self.fc2(y)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -262,19 +161,20 @@ class Dinov2(nnx.Module):
 
     def __init__(self, config: Dinov2Config, rngs: nnx.Rngs):
         cfg = config
-        init = _Init(rngs)
+        init = HostRandom(rngs)
         self.config = cfg
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
         g = cfg.pretrained_grid
         self.dtype = jnp.dtype(dtype_from_name(cfg.dtype))
         # Conv2d(k=p, s=p) as a matmul over patches flattened in (py, px, c) order.
-        self.patch_embed = Dense(p * p * c, d, (None, "embed"), init, dtype=self.dtype)
-        self.cls_token = init((1, 1, d), (None, None, "embed"))
-        self.register_tokens = (init((1, cfg.num_register_tokens, d), (None, None, "embed"))
+        self.patch_embed = Dense(p * p * c, d, names=(None, "embed"), kernel_init=init.init(1 / math.sqrt(p * p * c)),
+                                 bias_init=nnx.initializers.zeros, dtype=self.dtype, out_dtype=jnp.float32, rngs=rngs)
+        self.cls_token = param(init.normal((1, 1, d)), (None, None, "embed"))
+        self.register_tokens = (param(init.normal((1, cfg.num_register_tokens, d)), (None, None, "embed"))
                                 if cfg.num_register_tokens > 0 else None)
-        self.position_embeddings = init((1, 1 + g * g, d), (None, None, "embed"))
-        self.layers = nnx.List([Dinov2Layer(cfg, init) for _ in range(cfg.num_hidden_layers)])
-        self.norm = LayerNorm(d, cfg.layer_norm_eps, init)
+        self.position_embeddings = param(init.normal((1, 1 + g * g, d)), (None, None, "embed"))
+        self.layers = nnx.List([Dinov2Layer(cfg, init, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = LayerNorm(d, cfg.layer_norm_eps)
         self.pos_cache_grids: tuple[tuple[int, int], ...] = ()
 
     # -- position embeddings -----------------------------------------------------------------------------------
@@ -301,13 +201,9 @@ class Dinov2(nnx.Module):
     def embed(self, pixels: jax.Array) -> jax.Array:
         """Patch embedding + CLS + position embedding, then the registers after CLS: ``[B, 1+R+L, D]`` float32."""
         cfg = self.config
-        b, hgt, wid, c = pixels.shape
-        if c != cfg.num_channels:
-            raise ValueError(f"Dinov2: expected {cfg.num_channels} channels (NHWC), got input shape {pixels.shape}")
-        p = cfg.patch_size
-        gh, gw = self.grid_for(hgt, wid)
-        x = pixels[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = self.patch_embed(x.reshape(b, gh * gw, p * p * c))
+        b = pixels.shape[0]
+        x, (gh, gw) = patchify(pixels, cfg.patch_size, cfg.num_channels)
+        x = self.patch_embed(x)
         cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed((gh, gw))
         if self.register_tokens is not None:
@@ -326,17 +222,6 @@ class Dinov2(nnx.Module):
         return self.norm(x, affine=final_affine)
 
 
-def _stats_to_tokens(a: jax.Array | np.ndarray, num_tokens: int, dim: int, name: str) -> jax.Array:
-    a = jnp.asarray(a, jnp.float32)
-    if a.ndim == 3:  # official [C, H, W]
-        if a.shape[0] != dim or a.shape[1] * a.shape[2] != num_tokens:
-            raise ValueError(f"encode_mmfm: {name} has shape {a.shape}, expected [{dim}, H, W] with H*W={num_tokens}")
-        return a.reshape(dim, num_tokens).T
-    if a.shape != (num_tokens, dim):
-        raise ValueError(f"encode_mmfm: {name} has shape {a.shape}, expected [{num_tokens}, {dim}] or [C, H, W]")
-    return a
-
-
 def encode_mmfm(model: Dinov2, pixels: jax.Array, stats_var: jax.Array | np.ndarray | None = None,
                 stats_mean: jax.Array | np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
     """MM-FM's encoder output: ``(latent [B, L, D], cls [B, D])``, both float32.
@@ -345,17 +230,9 @@ def encode_mmfm(model: Dinov2, pixels: jax.Array, stats_var: jax.Array | np.ndar
     ``(z - mean) / sqrt(var + 1e-5)`` when ``stats_var`` is given (``[C, H, W]`` official layout or ``[L, C]``;
     ``stats_mean`` subtracted only if given). CLS is not normalised. Works eagerly and inside ``jax.jit``.
     """
-    gh, gw = model.grid_for(pixels.shape[1], pixels.shape[2])
-    n, d = gh * gw, model.config.hidden_size
-    mean = None if stats_mean is None else _stats_to_tokens(stats_mean, n, d, "stats_mean")
-    var = None if stats_var is None else _stats_to_tokens(stats_var, n, d, "stats_var")
     hs = model(pixels, final_affine=False)
     cls, z = hs[:, 0], hs[:, 1 + model.config.num_register_tokens:]
-    if mean is not None:
-        z = z - mean
-    if var is not None:
-        z = z / jnp.sqrt(var + 1e-5)
-    return z, cls
+    return normalize_latent(z, stats_var, stats_mean), cls
 
 
 def make_encode_fn(model: Dinov2, stats_var: Any = None, stats_mean: Any = None):

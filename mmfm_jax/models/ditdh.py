@@ -2,8 +2,8 @@
 
 A DiT body ("s-branch") on the noisy latent with a fixed 2-D sin-cos position embedding and RoPE, conditioned on
 ``c = SiLU(t_emb [+ mode_emb])``; then ``s = SiLU(t_emb + s)`` per token, projected to the wide DDT head, which
-re-embeds the noisy input and is conditioned per token on ``s``; a final adaLN layer gives the velocity.
-See ``shared/reference/mmfm_rae_spec.md`` section 2b.
+re-embeds the noisy input and is conditioned per token on ``s``; a final adaLN layer gives the velocity, as the
+official ``DiTwDDTHead`` (its state-dict layout: ``convert.ditdh``).
 
 Conventions: input/output tokens-last ``[B, L, C_in]`` with ``L = H*W`` row-major (the official model uses
 ``[B, C, H, W]``: convert only at the edges); ``t`` in [0, 1] with t = 0 data, t = 1 source; the output is the
@@ -15,41 +15,42 @@ residual stream stays fp32 (as under torch autocast).
 ``K (C_in + 1)`` per latent pixel and split by ``models.gm_head.GMHead.split`` into K velocity means and K logits;
 the shared log-std per sample comes from GMHead's MLP on the stop-gradient conditioning ``t_emb [+ mode_emb]``
 (zero-initialised last layer: s = 1 at init). The model then returns the velocity GM
-``flow.gm_ops.GM(means [B, L, K, C_in], logweights [B, L, K], logstds [B, 1, 1, 1])`` in fp32.
+``ops.gm.GM(means [B, L, K, C_in], logweights [B, L, K], logstds [B, 1, 1, 1])`` in fp32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm_jax.flow.gm_ops import GM
 from mmfm_jax.models.gm_head import GMHead
 from mmfm_jax.models.layers import (
+    ATTENTION_IMPLS,
     REMAT_POLICIES,
     Attention,
     Buffer,
     Dense,
     GaussianFourierEmbedding,
     GeluMlp,
-    LayerNormNoAffine,
+    LayerNorm,
     RMSNorm,
     SwiGLU,
     maybe_remat,
     modulate,
     normal,
     param,
+    preset_config,
     rope_2d_tables,
     sincos_pos_embed_2d,
     swiglu_hidden,
     xavier_uniform,
     zeros,
 )
+from mmfm_jax.ops.gm import GM
 from mmfm_jax.utils import dtype_from_name
 
 
@@ -62,12 +63,8 @@ class DiTDHConfig:
     default), ``'bfloat16'`` halves their memory traffic (an option for speed; normalisation statistics stay fp32).
     ``scan_layers``: scan over the identical s-branch blocks (faster compile; parameters stacked on a leading
     ``layers`` axis). ``remat``: ``'none' | 'block' | 'dots' | 'dots_all'``. ``attn_impl``:
-    ``'auto' | 'xla' | 'cudnn'`` (auto: cuDNN flash attention on GPU in bf16).
-
-    Measured on one H100 (XL, bf16, B=64, fwd+bwd, cuDNN attention, no remat, Triton GEMMs): unrolled 162 ms
-    (383 TFLOP/s), scanned 210 ms (the scan's stacked residuals cost ~30%); forward alone 50-54 ms (~410 TFLOP/s).
-    The XLA attention path materialises fp32 logits and runs out of memory at B=64 without remat. With cuBLAS GEMMs
-    and bf16 residuals the full train step reaches 43.2% MFU at B=128 (README, "Benchmarks").
+    ``'auto' | 'xla' | 'cudnn' | 'matmul'`` (auto: cuDNN flash attention on GPU in bf16; ``layers.attention_impl``).
+    Speed of these options on GPUs: ``docs/benchmarks.md`` ("Training").
 
     ``head``: ``'velocity'`` (the official model) or ``'gm'`` (GMFlow's Gaussian-mixture head: ``gm_components``
     K components per latent pixel, log-std MLP of width ``gm_logstd_inner``, or a fixed ``gm_constant_logstd``)."""
@@ -95,6 +92,23 @@ class DiTDHConfig:
     gm_components: int = 8
     gm_logstd_inner: int = 1024
     gm_constant_logstd: float | None = None
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "XL": dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16)),
+        "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
+        # tests / demo: tiny widths; override in_channels/input_size for the data at hand
+        "tiny": dict(in_channels=16, input_size=8, hidden_size=(64, 96), depth=(2, 1), num_heads=(4, 4),
+                     num_modes=16),
+        # the small official model of the parity fixture tests/fixtures/ditdh_small.json
+        "parity": dict(in_channels=32, input_size=16, hidden_size=(64, 96), depth=(2, 1), num_heads=(4, 4),
+                       num_modes=16),
+    }
+
+    @classmethod
+    def preset(cls, name: str = "XL", **overrides: Any) -> DiTDHConfig:
+        """A preset (``'XL' | 'S' | 'tiny' | 'parity'``) with field overrides, e.g.
+        ``DiTDHConfig.preset('S', num_modes=1000)``."""
+        return preset_config(cls, cls.PRESETS, name, overrides)
 
     def __post_init__(self):
         for f in ("hidden_size", "depth", "num_heads"):
@@ -131,8 +145,8 @@ class DiTDHConfig:
             bad("residual_dtype", "must be 'float32' (as under torch autocast) or 'bfloat16'")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"must be one of {sorted(REMAT_POLICIES)}")
-        if self.attn_impl not in ("auto", "xla", "cudnn"):
-            bad("attn_impl", "must be 'auto', 'xla' or 'cudnn'")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            bad("attn_impl", f"must be one of {ATTENTION_IMPLS}")
         if self.head not in HEADS:
             bad("head", f"must be one of {HEADS}")
         if self.head == "gm":
@@ -165,28 +179,6 @@ class DiTDHConfig:
 
 
 HEADS = ("velocity", "gm")
-_XL = dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16))
-PRESETS: dict[str, dict[str, Any]] = {
-    "XL": dict(_XL),
-    "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
-    # tests / demo: tiny widths; override in_channels/input_size for the data at hand
-    "tiny": dict(in_channels=16, input_size=8, hidden_size=(64, 96), depth=(2, 1), num_heads=(4, 4), num_modes=16),
-    # the parity fixture (shared/parity/ditdh_small.json)
-    "parity": dict(in_channels=32, input_size=16, hidden_size=(64, 96), depth=(2, 1), num_heads=(4, 4),
-                   num_modes=16),
-}
-
-
-def ditdh_config(name: str = "XL", **overrides: Any) -> DiTDHConfig:
-    """A preset (``'XL' | 'S' | 'tiny' | 'parity'``) with field overrides, e.g.
-    ``ditdh_config('S', num_modes=1000)``."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown DiTDH preset {name!r} (have {sorted(PRESETS)})")
-    fields = {f.name for f in dataclasses.fields(DiTDHConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown DiTDHConfig fields {unknown} (have {sorted(fields)})")
-    return DiTDHConfig(**{**PRESETS[name], **overrides})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -197,7 +189,7 @@ class DDTBlock(nnx.Module):
 
     def __init__(self, dim: int, heads: int, cfg: DiTDHConfig, *, rngs: nnx.Rngs):
         dt = dtype_from_name(cfg.dtype)
-        norm = (lambda: RMSNorm(dim)) if cfg.use_rmsnorm else (lambda: LayerNormNoAffine(dim))
+        norm = (lambda: RMSNorm(dim)) if cfg.use_rmsnorm else (lambda: LayerNorm(dim, elementwise_affine=False))
         self.norm1, self.norm2 = norm(), norm()
         self.attn = Attention(dim, heads, dtype=dt, impl=cfg.attn_impl, rngs=rngs)
         if cfg.use_swiglu:
@@ -223,7 +215,7 @@ class FinalLayer(nnx.Module):
 
     def __init__(self, dim: int, out: int, cfg: DiTDHConfig, *, rngs: nnx.Rngs, kernel_init: Any = zeros):
         dt = dtype_from_name(cfg.dtype)
-        self.norm = RMSNorm(dim) if cfg.use_rmsnorm else LayerNormNoAffine(dim)
+        self.norm = RMSNorm(dim) if cfg.use_rmsnorm else LayerNorm(dim, elementwise_affine=False)
         self.adaLN = Dense(dim, 2 * dim, names=("embed", "mlp"), kernel_init=zeros, bias_init=zeros, dtype=dt,
                            rngs=rngs)
         self.linear = Dense(dim, out, names=("embed", "channels"), kernel_init=kernel_init, bias_init=zeros,

@@ -2,7 +2,7 @@
 
 Per token: K velocity means and K mixture logits (log-softmax over K); per sample: one shared log-std from a small
 MLP on the *stop-gradient* conditioning vector (SiLU -> Linear(cond, inner) -> SiLU -> Linear(inner, 1), the last
-layer zero-initialised so s = 1 at init), or a fixed ``constant_logstd``. The output is a ``flow.gm_ops.GM``:
+layer zero-initialised so s = 1 at init), or a fixed ``constant_logstd``. The output is a ``ops.gm.GM``:
 ``means [B, L, K, C]``, ``logweights [B, L, K]``, ``logstds [B, 1, 1, 1]``, all fp32, describing the velocity
 ``u = x_source - x_data`` (our convention: ``x_t = (1 - t) x_data + t x_source``).
 
@@ -20,14 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import mmfm_jax.parallel  # noqa: F401  (sets flax_always_shard_variable = False: logical names stay metadata)
-from mmfm_jax.flow.gm_ops import GM
+from mmfm_jax.models.layers import Dense, param
+from mmfm_jax.ops.gm import GM
 
 F32 = jnp.float32
-
-
-def _param(key: jax.Array, init: Any, shape: tuple[int, ...], names: tuple[str | None, ...]) -> nnx.Param:
-    return nnx.Param(init(key, shape, F32), out_sharding=names)
 
 
 class GMHead(nnx.Module):
@@ -50,9 +46,9 @@ class GMHead(nnx.Module):
         self.constant_logstd = constant_logstd
         xavier, zeros = nnx.initializers.xavier_uniform(), nnx.initializers.zeros_init()
         n_out = num_gaussians * (out_channels + 1)
-        if project:
-            self.proj_kernel = _param(rngs.params(), xavier, (in_features, n_out), ("embed", "channels"))
-            self.proj_bias = _param(rngs.params(), zeros, (n_out,), ("channels",))
+        if project:  # two top-level parameters (not a Dense): the checkpoint layout names them proj_kernel/bias
+            self.proj_kernel = param(xavier(rngs.params(), (in_features, n_out), F32), ("embed", "channels"))
+            self.proj_bias = param(zeros(rngs.params(), (n_out,), F32), ("channels",))
         else:
             self.proj_kernel = self.proj_bias = None
         self.logstd_layers = nnx.List()
@@ -62,9 +58,8 @@ class GMHead(nnx.Module):
                 last = li == len(dims) - 2
                 kinit = zeros if last else xavier
                 names = ("mlp", None) if last else ("embed", "mlp")
-                self.logstd_layers.append(nnx.Dict(
-                    kernel=_param(rngs.params(), kinit, (din, dout), names),
-                    bias=_param(rngs.params(), zeros, (dout,), (names[1],))))
+                self.logstd_layers.append(Dense(din, dout, names=names, kernel_init=kinit, bias_init=zeros,
+                                                rngs=rngs))
 
     def logstd(self, cond: jax.Array) -> jax.Array:
         """Shared log-std per sample from the stop-gradient ``cond`` [B, Dc]: [B, 1, 1, 1] fp32."""
@@ -73,7 +68,7 @@ class GMHead(nnx.Module):
             return jnp.full((b, 1, 1, 1), self.constant_logstd, F32)
         h = jax.lax.stop_gradient(jnp.asarray(cond, F32))
         for layer in self.logstd_layers:
-            h = jax.nn.silu(h) @ layer["kernel"][...] + layer["bias"][...]
+            h = layer(jax.nn.silu(h))
         return h.reshape(b, 1, 1, 1)
 
     def split(self, raw: jax.Array, cond: jax.Array) -> GM:

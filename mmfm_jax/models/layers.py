@@ -1,18 +1,21 @@
-"""Transformer building blocks shared by the DiT-style models (Flax NNX).
+"""Transformer building blocks shared by every model (Flax NNX): the only home of Dense, LayerNorm, RMSNorm,
+attention and the parameter helper.
 
 Conventions:
 - Parameters are fp32 and carry logical axis names (``out_sharding`` metadata: ``embed``, ``mlp``, ``heads``,
-  ``vocab``, ``channels``); ``mmfm_jax.parallel`` maps them onto the mesh.
+  ``vocab``, ``channels``), created by :func:`param` only: metadata, never sharded at creation
+  (``eager_sharding=False``, whatever flax's global default); ``parallel.state_shardings`` maps them onto a mesh.
 - ``dtype`` is the *compute* dtype of matmuls (inputs and kernels are cast, accumulation is the backend's);
   normalisation statistics, softmax and RoPE run in fp32.
 - Sequences are ``[B, L, D]``; attention works in ``[B, L, H, hd]`` (the layout ``jax.nn.dot_product_attention``
   takes), so no transposes are needed around it.
-- Fixed tables (2-D sin-cos position embedding, RoPE angles) are built with numpy, following the official
-  recipes (see ``shared/reference/mmfm_rae_spec.md`` section 2b).
+- Fixed tables (2-D sin-cos position embedding, RoPE angles) are built with numpy, following the official RAE
+  recipes (``get_2d_sincos_pos_embed`` of MAE/DiT and ``VisionRotaryEmbeddingFast``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -35,6 +38,18 @@ def param(value: jax.Array, names: Names) -> nnx.Param:
     """An ``nnx.Param`` carrying logical axis names (metadata only: never sharded at creation; see
     ``parallel.state_shardings``)."""
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def preset_config(cls: type, presets: dict[str, dict[str, Any]], name: str, overrides: dict[str, Any]) -> Any:
+    """``cls(**presets[name], **overrides)``: the one preset convention (each model config's ``preset``); an unknown
+    preset or field raises ``ValueError`` naming the choices."""
+    if name not in presets:
+        raise ValueError(f"{cls.__name__}.preset: unknown {name!r} (choose from {sorted(presets)})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.preset: unknown fields {unknown} (have {sorted(fields)})")
+    return cls(**{**presets[name], **overrides})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -61,6 +76,30 @@ zeros = nnx.initializers.zeros
 normal = nnx.initializers.normal
 
 
+class HostRandom:
+    """Sequential N(0, std^2) initial values for models whose real weights are always loaded (the encoders: random
+    weights serve tests and benchmarks only). Hand-rolled because eager ``jax.random`` compiles once per shape
+    (seconds for a whole model): a concrete key draws with numpy; a traced key (``nnx.eval_shape``, ``nnx.jit``)
+    uses ``jax.random``. Values depend on the order of the draws, not on the keys an initializer is handed."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        key = rngs.params()
+        self.key, self.gen = key, None
+        if not isinstance(key, jax.core.Tracer):
+            self.gen = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    def normal(self, shape: tuple[int, ...], std: float = 0.02) -> jax.Array:
+        """The next ``shape`` draw of N(0, std^2), float32."""
+        if self.gen is not None:
+            return jnp.asarray(self.gen.standard_normal(shape, dtype=np.float32) * np.float32(std))
+        self.key, k = jax.random.split(self.key)
+        return jax.random.normal(k, shape, jnp.float32) * std
+
+    def init(self, std: float) -> Callable:
+        """An initializer ``(key, shape, dtype) -> array`` drawing from this stream (the key is ignored)."""
+        return lambda key, shape, dtype=jnp.float32: self.normal(tuple(shape), std)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Layers
 
@@ -70,12 +109,14 @@ class Dense(nnx.Module):
 
     ``names``: logical axis names of the kernel ``(in_axis, out_axis)``; the bias gets ``(out_axis,)``.
     Default init is PyTorch's ``nn.Linear`` default (what the official model keeps for most layers).
+    ``out_dtype``: None returns ``dtype`` (bias added in ``dtype``); a dtype (DINOv2: float32) makes the matmul
+    accumulate into it (``preferred_element_type``) and adds the bias in it.
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, names: Names = ("embed", "mlp"),
                  use_bias: bool = True, kernel_init: Callable | None = None, bias_init: Callable | None = None,
-                 dtype: Any = jnp.float32):
-        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+                 dtype: Any = jnp.float32, out_dtype: Any = None):
+        self.in_features, self.out_features, self.dtype, self.out_dtype = in_features, out_features, dtype, out_dtype
         kernel_init = kernel_init or torch_kernel_init()
         self.kernel = param(kernel_init(rngs.params(), (in_features, out_features), jnp.float32), names)
         if use_bias:
@@ -85,9 +126,11 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        out = self.dtype if self.out_dtype is None else self.out_dtype
+        kw = {} if self.out_dtype is None else dict(preferred_element_type=self.out_dtype)
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), **kw)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(out)
         return y
 
 
@@ -104,33 +147,29 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...]).astype(x.dtype)
 
 
-class LayerNormNoAffine(nnx.Module):
-    """``LayerNorm(elementwise_affine=False, eps=1e-6)`` in fp32 (the ``use_rmsnorm=False`` variant)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mu = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
-        return ((xf - mu) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-
-
 class LayerNorm(nnx.Module):
-    """torch ``LayerNorm`` (biased variance) in fp32 with ``scale``/``bias`` (``embed``); float32 result.
-    ``affine=False`` at call time leaves them out (the encoders' affine-stripped final LayerNorm)."""
+    """torch ``LayerNorm`` (biased variance): statistics and the affine in fp32, result in ``x.dtype``.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    ``elementwise_affine=False`` builds no ``scale``/``bias`` (DiTDH's ``use_rmsnorm=False`` variant); otherwise they
+    are ``embed``-named parameters and ``affine=False`` at call time leaves them out (the encoders' affine-stripped
+    final LayerNorm).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, elementwise_affine: bool = True):
         self.eps = eps
-        self.scale = param(jnp.ones((dim,), jnp.float32), ("embed",))
-        self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
+        if elementwise_affine:
+            self.scale = param(jnp.ones((dim,), jnp.float32), ("embed",))
+            self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
+        else:
+            self.scale = self.bias = None
 
     def __call__(self, x: jax.Array, affine: bool = True) -> jax.Array:
         xf = x.astype(jnp.float32)
         xc = xf - jnp.mean(xf, axis=-1, keepdims=True)
         y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + self.eps)
-        return y * self.scale[...] + self.bias[...] if affine else y
+        if affine and self.scale is not None:
+            y = y * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
@@ -221,13 +260,36 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
 # Attention, modulation, embeddings
 
 
-def attention_impl(impl: str, dtype: Any, head_dim: int) -> str:
-    """Resolve ``'auto'`` to ``'cudnn'`` (GPU, 16-bit, head_dim % 8 == 0, <= 128) or ``'xla'``."""
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
+
+
+def attention_impl(impl: str, dtype: Any, head_dim: int, cpu_impl: str = "xla") -> str:
+    """Resolve ``'auto'``: ``'cudnn'`` on a GPU for 16-bit inputs with head_dim % 8 == 0 and <= 128, ``cpu_impl``
+    on CPU, else ``'xla'``. Other values (``ATTENTION_IMPLS``) are returned as they are."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    backend = jax.default_backend()
+    ok = (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128)
-    return "cudnn" if ok else "xla"
+    return "cudnn" if ok else (cpu_impl if backend == "cpu" else "xla")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> jax.Array:
+    """``softmax(q k^T / sqrt(hd)) v`` per head: q ``[B, Lq, H, hd]``, k/v ``[B, Lk, H, hd]`` -> ``[B, Lq, H, hd]``.
+
+    ``'xla'`` / ``'cudnn'``: ``jax.nn.dot_product_attention`` with that implementation. ``'matmul'``: heads-major
+    batched matmuls accumulating in fp32, softmax in fp32, the result in ``q.dtype`` (faster on XLA:CPU; see
+    ``docs/benchmarks.md``).
+    """
+    if impl != "matmul":
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    dt = q.dtype
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, L, hd]
+    s = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    p = jax.nn.softmax(s * q.shape[-1] ** -0.5, axis=-1).astype(dt)
+    return jnp.matmul(p, vh, preferred_element_type=jnp.float32).astype(dt).transpose(0, 2, 1, 3)
 
 
 class Attention(nnx.Module):
@@ -237,6 +299,8 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, impl: str = "auto"):
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.dtype, self.impl = dtype, impl
         self.qkv = Dense(dim, 3 * dim, names=("embed", "heads"), dtype=dtype, rngs=rngs)
@@ -248,8 +312,7 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        impl = attention_impl(self.impl, self.dtype, self.head_dim)
-        o = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        o = attention(q, k, v, attention_impl(self.impl, self.dtype, self.head_dim))
         return self.proj(o.reshape(b, n, self.dim))
 
 

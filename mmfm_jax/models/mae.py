@@ -15,7 +15,7 @@ normalised).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,24 +32,18 @@ HF_DEFAULTS: dict[str, Any] = dict(hidden_size=768, intermediate_size=3072, num_
                                    num_attention_heads=12, image_size=224, patch_size=16, num_channels=3,
                                    hidden_act="gelu", layer_norm_eps=1e-12)
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    "base": {},  # facebook/vit-mae-base
-    # shared/parity/mae_small.json
-    "fixture_small": dict(hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=48),
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class MAEConfig(ViTConfig):
     """Defaults = ``facebook/vit-mae-base``'s encoder (pretrained at 224: a 14 x 14 position table)."""
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> MAEConfig:
-        """``'base'`` (ViT-MAE-B/16) | ``'fixture_small'`` (the parity fixture's tiny model)."""
-        if name not in _PRESETS:
-            raise ValueError(f"MAEConfig.preset: unknown {name!r} (choose from {sorted(_PRESETS)})")
-        return cls(**{**HF_DEFAULTS, **_PRESETS[name], **overrides})
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "base": dict(HF_DEFAULTS),  # ViT-MAE-B/16: facebook/vit-mae-base
+        # the tiny model of the parity fixture tests/fixtures/mae_small.json
+        "fixture_small": dict(HF_DEFAULTS, hidden_size=48, intermediate_size=192, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=48),
+    }
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], **overrides: Any) -> MAEConfig:

@@ -8,7 +8,7 @@ Options:
 - ``num_modes > 0``: mode-conditional (MM-FM): ``y [B]`` int (the source mode k) enters as a one-hot concatenated
   to the input.
 - ``head='gm'`` (GMFlow): the output is the velocity GM of the flat vector as one token,
-  ``flow.gm_ops.GM(means [B, 1, K, D], logweights [B, 1, K], logstds [B, 1, 1, 1])`` (fp32), from a
+  ``ops.gm.GM(means [B, 1, K, D], logweights [B, 1, K], logstds [B, 1, 1, 1])`` (fp32), from a
   ``models.gm_head.GMHead`` on the last hidden layer (xavier projection; the shared log-std from its MLP on the
   stop-gradient time features [+ one-hot mode], zero-initialised last layer, or ``gm_constant_logstd``).
 """
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import mmfm_jax.parallel  # noqa: F401  (logical axis names are metadata only; parallel.py maps them)
-from mmfm_jax.flow.gm_ops import GM
 from mmfm_jax.models.gm_head import GMHead
+from mmfm_jax.models.layers import Dense
+from mmfm_jax.ops.gm import GM
 
 HEADS = ("velocity", "gm")
 
@@ -47,12 +47,11 @@ class MLPVelocity(nnx.Module):
         if head not in HEADS:
             raise ValueError(f"MLPVelocity: head must be one of {HEADS}, got {head!r}")
         self.dim, self.n_freq, self.head, self.num_modes = dim, n_freq, head, num_modes
-        init = nnx.initializers.lecun_normal()
+        init, zeros = nnx.initializers.lecun_normal(), nnx.initializers.zeros
         layers = []
         d_in = dim + 2 * n_freq + 1 + num_modes
         for _ in range(depth):
-            layers.append(nnx.Linear(d_in, width, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")),
-                                     rngs=rngs))
+            layers.append(Dense(d_in, width, names=("embed", "mlp"), kernel_init=init, bias_init=zeros, rngs=rngs))
             d_in = width
         self.hidden = nnx.List(layers)
         if head == "gm":
@@ -60,9 +59,7 @@ class MLPVelocity(nnx.Module):
             self.gm_head = GMHead(width, dim, gm_components, 2 * n_freq + 1 + num_modes, rngs=rngs,
                                   constant_logstd=gm_constant_logstd, logstd_inner_dim=gm_logstd_inner)
         else:
-            self.out = nnx.Linear(width, dim,
-                                  kernel_init=nnx.with_partitioning(nnx.initializers.zeros, ("mlp", "embed")),
-                                  rngs=rngs)
+            self.out = Dense(width, dim, names=("mlp", "embed"), kernel_init=zeros, bias_init=zeros, rngs=rngs)
             self.gm_head = None
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array | GM:

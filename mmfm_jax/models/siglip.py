@@ -14,13 +14,13 @@ head applied to those affine-stripped tokens (the head's own LayerNorm keeps its
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm_jax.models.layers import Dense, LayerNorm, attention_impl, param
+from mmfm_jax.models.layers import Dense, LayerNorm, attention, attention_impl, param
 from mmfm_jax.models.vit_encoder import Mlp, ViTBlock, ViTConfig, normalize_latent, patchify
 from mmfm_jax.ops.resize import resize_token_grid
 from mmfm_jax.utils import dtype_from_name
@@ -30,12 +30,6 @@ HF_DEFAULTS: dict[str, Any] = dict(hidden_size=768, intermediate_size=3072, num_
                                    num_attention_heads=12, image_size=224, patch_size=16, num_channels=3,
                                    hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True)
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    "base": dict(image_size=256),  # google/siglip2-base-patch16-256
-    # shared/parity/siglip2_small.json
-    "fixture_small": dict(hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=64),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +41,12 @@ class SiglipVisionConfig(ViTConfig):
     layer_norm_eps: float = 1e-6
     vision_use_head: bool = True
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> SiglipVisionConfig:
-        """``'base'`` (SigLIP2-B/16 at 256) | ``'fixture_small'`` (the parity fixture's tiny model)."""
-        if name not in _PRESETS:
-            raise ValueError(f"SiglipVisionConfig.preset: unknown {name!r} (choose from {sorted(_PRESETS)})")
-        return cls(**{**HF_DEFAULTS, **_PRESETS[name], **overrides})
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "base": dict(HF_DEFAULTS, image_size=256),  # SigLIP2-B/16 at 256: google/siglip2-base-patch16-256
+        # the tiny model of the parity fixture tests/fixtures/siglip2_small.json
+        "fixture_small": dict(HF_DEFAULTS, hidden_size=48, intermediate_size=192, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=64),
+    }
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], **overrides: Any) -> SiglipVisionConfig:
@@ -81,8 +75,7 @@ class MAPHead(nnx.Module):
         probe = jnp.broadcast_to(self.probe[...], (b, 1, d))
         q = self.q(probe).reshape(b, 1, h, d // h)
         kv = self.kv(x).reshape(b, n, 2, h, d // h)
-        impl = attention_impl(self.impl, self.dtype, d // h)
-        o = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], implementation=impl)
+        o = attention(q, kv[:, :, 0], kv[:, :, 1], attention_impl(self.impl, self.dtype, d // h))
         a = self.out(o.reshape(b, 1, d)).astype(jnp.float32)
         return (a + self.mlp(self.layernorm(a)))[:, 0]
 

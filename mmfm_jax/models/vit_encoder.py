@@ -1,6 +1,7 @@
-"""Pieces shared by the HF-style ViT image encoders (SigLIP vision tower, ViT-MAE) in Flax NNX.
+"""The HF-style ViT image encoders' family (DINOv2, SigLIP vision tower, ViT-MAE) in Flax NNX: the config every
+encoder config extends, the pre-LN block, the patch embedding and the latent normalisation.
 
-Conventions (as ``models.dinov2``): pixels NHWC float (already normalised with the encoder's mean/std); tokens
+Conventions: pixels NHWC float (already normalised with the encoder's mean/std); tokens
 ``[B, L, D]`` row-major over the patch grid; parameters float32 with logical axis names; ``dtype`` is the matmul
 dtype; LayerNorm statistics, softmax and the residual stream stay float32. The patch embedding (torch ``Conv2d``
 with kernel = stride = patch) is a Dense over patches flattened in ``(py, px, c)`` order.
@@ -9,15 +10,14 @@ with kernel = stride = patch) is a Dense over patches flattened in ``(py, px, c)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import mmfm_jax.parallel  # noqa: F401  (turns off flax's eager variable sharding: logical names are metadata)
-from mmfm_jax.models.layers import Attention, Dense, LayerNorm
+from mmfm_jax.models.layers import ATTENTION_IMPLS, Attention, Dense, LayerNorm, preset_config
 from mmfm_jax.utils import dtype_from_name
 
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh")
@@ -27,7 +27,10 @@ NORM_EPS = 1e-5  # latent statistics: z / sqrt(var + 1e-5)
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """Shape of a pre-LN ViT encoder (HF field names). ``dtype``: matmul dtype (``'float32'`` | ``'bfloat16'``).
-    ``attention_impl``: ``'auto' | 'xla' | 'cudnn'`` (``layers.attention_impl``)."""
+    ``attention_impl``: ``'auto' | 'xla' | 'cudnn' | 'matmul'`` (``layers.attention_impl``). Subclasses name their
+    configurations in ``PRESETS`` (complete field dicts) for :meth:`preset`."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -47,14 +50,18 @@ class ViTConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"{type(self).__name__}: hidden_size {self.hidden_size} not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
-        if self.attention_impl not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"{type(self).__name__}.attention_impl: {self.attention_impl!r} not in "
-                             "('auto', 'xla', 'cudnn')")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"{type(self).__name__}.attention_impl: {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         dtype_from_name(self.dtype, "encoder.dtype")
 
     @property
     def pretrained_grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        """The configuration ``cls.PRESETS[name]`` with field ``overrides``."""
+        return preset_config(cls, cls.PRESETS, name, overrides)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], defaults: dict[str, Any], **overrides: Any):

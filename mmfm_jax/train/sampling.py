@@ -25,11 +25,11 @@ from flax import nnx
 
 from mmfm_jax import parallel
 from mmfm_jax.flow import gmflow
-from mmfm_jax.flow.gm_ops import GM
 from mmfm_jax.flow.samplers import autoguidance, euler_grid, euler_sample, guided_velocity_fn
 from mmfm_jax.flow.time import resolution_shift
 from mmfm_jax.gmm.source import sample_prior, sample_source
 from mmfm_jax.models.ditdh import DiTDH, DiTDHConfig
+from mmfm_jax.ops.gm import GM
 from mmfm_jax.train.step import mode_gaussian
 from mmfm_jax.utils import parse_compiler_options
 

@@ -35,10 +35,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfm_jax import parallel
-from mmfm_jax.flow import gm_ops, gmflow
+from mmfm_jax.flow import gmflow
 from mmfm_jax.flow.loss import fm_loss_per_sample, interpolate
 from mmfm_jax.flow.time import sample_time_per_example
 from mmfm_jax.gmm.source import ModeSource, _draw, sample_source
+from mmfm_jax.ops import gm as gm_ops
 from mmfm_jax.train import adaptive as adaptive_lib
 from mmfm_jax.train.optim import ema_update
 from mmfm_jax.train.state import ModelDef, TrainState

@@ -40,6 +40,7 @@ from mmfm_jax.flow.samplers import euler_grid, euler_sample
 from mmfm_jax.flow.time import sample_time_per_example
 from mmfm_jax.gmm.source import ModeSource, example_keys, sample_prior, sample_source
 from mmfm_jax.models.mlp import MLPVelocity
+from mmfm_jax.ops.gm import GaussianSource
 
 log = logging.getLogger("mmfm_jax")
 SOURCES = ("gaussian", "gmm_mode")
@@ -53,10 +54,10 @@ def make_model(cfg: ml_collections.ConfigDict, head: str, key: Any) -> MLPVeloci
                        num_modes=cfg.n_modes, gm_components=g.components, gm_logstd_inner=g.logstd_inner)
 
 
-def mode_gaussian(src: ModeSource, k: jax.Array) -> gmflow.GaussianSource:
+def mode_gaussian(src: ModeSource, k: jax.Array) -> GaussianSource:
     """The drawn modes' Gaussians in x layout [B, 1, D], for GMFlow's closed forms (toy tables: per-dimension
     variances, so ``std = sqrt(variances[k])``)."""
-    return gmflow.GaussianSource(jnp.take(src.means, k, axis=0), jnp.sqrt(jnp.take(src.variances, k, axis=0)))
+    return GaussianSource(jnp.take(src.means, k, axis=0), jnp.sqrt(jnp.take(src.variances, k, axis=0)))
 
 
 def make_train_chunk(cfg: ml_collections.ConfigDict, graphdefs: dict, tx):
