@@ -382,6 +382,37 @@ class Checkpointer:
         self.mngr.reload()
 
 
+def restore_for_inference(workdir: str | os.PathLike, abstract_model: Any, mesh: Any, rules: Any = None,
+                          step: int = -1) -> tuple[Any, Any, int]:
+    """The EMA parameters (+ buffers) of a training run's checkpoints (``workdir/checkpoints``) as a model for
+    inference, restored onto ``mesh`` with the logical shardings of ``abstract_model`` (an ``nnx.eval_shape``'d
+    module of the run's architecture; ``rules``: the logical-axis rules).
+
+    A partial restore through :meth:`Checkpointer.restore`: the optimizer state is never read, nothing on disk is
+    moved, and ``step=-1`` takes the newest step that restores on every process (an unreadable or bit-rotten newest
+    step falls back to the previous one with a warning; the processes agree on the step). ``step >= 0``: exactly that
+    step. Returns ``(graphdef, state, step)``; ``nnx.merge(graphdef, state)`` is the model.
+    """
+    from flax import nnx
+
+    g, p, r = nnx.split(abstract_model, nnx.Param, ...)
+    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    shard = lambda a: nnx.to_pure_dict(parallel.state_shardings(mesh, a, rules))  # noqa: E731
+    target = {"ema": jax.tree.map(sds, nnx.to_pure_dict(p), shard(p)),
+              "buffers": jax.tree.map(sds, nnx.to_pure_dict(r), shard(r))}
+    ckdir = as_path(workdir) / "checkpoints"
+    if not ckdir.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {ckdir}")
+    restored = Checkpointer(ckdir, async_save=False).restore(target, with_config=False, partial=True,
+                                                             step=None if step < 0 else int(step))
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint{f' at step {step}' if step >= 0 else ''} in {ckdir}")
+    pstate, rstate = nnx.State(p), nnx.State(r)
+    nnx.replace_by_pure_dict(pstate, restored.state["ema"])
+    nnx.replace_by_pure_dict(rstate, restored.state["buffers"])
+    return g, nnx.state(nnx.merge(g, pstate, rstate)), restored.step
+
+
 def _reposition(iterator: Any, step: int) -> None:
     """The data pipelines of ``data/latents.py`` consume one local batch per step on every process, and their
     iterator state is ``{'next_index': batches consumed}`` whatever the process count: position it at ``step``."""
