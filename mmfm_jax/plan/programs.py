@@ -322,7 +322,7 @@ def sample_builder(cfg: ml_collections.ConfigDict, mesh) -> tuple[Callable[[int]
 
 
 def encode_builder(cfg: ml_collections.ConfigDict, mesh) -> tuple[Callable[[int], Program], int]:
-    from mmfm_jax.jobs.encode import build_encoder, encode_program
+    from mmfm_jax.data.encoding import build_encoder, encode_program
 
     size = int(cfg.data.image_size)
     crop = int(cfg.data.crop_size) if cfg.data.path == "train" else size
