@@ -35,7 +35,7 @@ from mmfm_jax.models import encoders
 from mmfm_jax.train import sampling
 
 log = logging.getLogger("mmfm_jax")
-SOLVERS = ("euler", "gm_ode", "gm_sde")
+SOLVERS = sampling.SOLVERS
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
 
 
@@ -49,8 +49,8 @@ class Pipeline:
     """
 
     mesh: Any
-    main: tuple  # load_model tuple: (graphdef, state, DiTDHConfig, description)
-    guide: tuple | None
+    main: sampling.LoadedModel  # (graphdef, state, DiTDHConfig, description)
+    guide: sampling.LoadedModel | None
     source: Any  # ModeSource or None (Gaussian)
     decoder: Any  # RAEDecoder or None (sample() returns latents)
     var: Any  # [L, C] or None
@@ -276,8 +276,7 @@ class Pipeline:
         if not 0 <= int(seed) < 2 ** 31:
             raise ValueError(f"sample: seed must be in [0, 2^31), got {seed}")
         fn = self._sample_fn(int(steps), w, solver, gm_substeps, gm_order)
-        mult = parallel.batch_size_multiple(self.mesh)
-        gb = -(-min(int(batch_size), int(n)) // mult) * mult
+        gb = parallel.round_up_batch(min(int(batch_size), int(n)), self.mesh)
         gstate = None if w is None else self.guide[1]
         dstate = None if self.decoder is None else jax.device_put(nnx.state(self.decoder),
                                                                   parallel.replicated(self.mesh))

@@ -300,6 +300,12 @@ def batch_size_multiple(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def round_up_batch(n: int, mesh: Mesh) -> int:
+    """``n`` rounded up to a multiple of :func:`batch_size_multiple` (a global batch every batch shard can split)."""
+    mult = batch_size_multiple(mesh)
+    return -(-int(n) // mult) * mult
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logical axes -> shardings
 

@@ -21,7 +21,7 @@ CASES = {
     "encode": (["--preset=fixture_small", "--batch=8", "--repeats=1", "--no-torch"],
                ["mmfm_jax (jax", "not measured"]),
     "sample": (["--preset=tiny", "--guide-preset=tiny", "--modes=16", "--batch=8", "--points=3", "--no-decode",
-                "--dtype=float32", "--repeats=1"], ["images/s"]),
+                "--dtype=float32", "--repeats=1"], ["images/s", "program: train.sampling.make_sample_fn"]),
 }
 
 

@@ -47,7 +47,6 @@ KNOWN_IMPORTS: dict[tuple[str, str], str] = {
     ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.demo_report"): "the demo moves to experiments/",
     ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.gm_report"): "the demo moves to experiments/",
     ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.train"): "the demo moves to experiments/ and trains through the Trainer",
-    ("mmfm_jax.jobs.sample", "mmfm_jax.jobs.sample_gm"): "the sample job becomes wiring",
 }
 KNOWN_CYCLES: list[set[str]] = [
     {"mmfm_jax.jobs.demo", "mmfm_jax.jobs.demo_gm"},  # the demo moves to experiments/

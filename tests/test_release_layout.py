@@ -67,7 +67,7 @@ def test_every_release_card_row_has_a_sample_variant(repo_dir):
 
 @pytest.mark.parametrize("encoder,mean", [("dinov2_b", 0.485), ("siglip2_b", 0.5), ("mae_b", 0.485)])
 def test_decoder_denormalises_with_the_encoder_mean_std(repo_dir, encoder, mean):
-    from mmfm_jax.jobs.sample import decoder_config
+    from mmfm_jax.train.sample_io import decoder_config
 
     dcfg = decoder_config(load_config(f"{repo_dir}/configs/sample.py:tiny", {"encoder.name": encoder}))
     assert dcfg.image_mean[0] == mean and dcfg.image_std == encoders.get(encoder).std

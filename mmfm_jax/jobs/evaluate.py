@@ -10,23 +10,19 @@ matrix square root and the metrics run on the host in float64, against the refer
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator
-from typing import Any
 
 import ml_collections
-import numpy as np
-from PIL import Image
 
+from mmfm_jax import parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.eval import metrics as metrics_lib
 from mmfm_jax.eval.features import extract_features
-from mmfm_jax.storage import as_path, list_files, save_npz_atomic, write_json_atomic
+from mmfm_jax.eval.inputs import image_stream
+from mmfm_jax.storage import save_npz_atomic, write_json_atomic
 from mmfm_jax.utils import progress
 from mmfm_jax.workdir import Stage
 
 DEFAULT_CONFIG = "evaluate.py:imagenet256"
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 log = logging.getLogger("mmfm_jax")
 # what the metrics depend on (workdir.py)
 STAGE = Stage(keys=("input", "ref", "inception", "limit", "nearest_k", "is_split_size", "sqrtm"),
@@ -47,59 +43,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.ref.path: required (e.g. VIRTUAL_imagenet256_labeled.npz)")
 
 
-def _files(folder: Any) -> list[Any]:
-    return [p for p in list_files(folder) if p.suffix.lower() in IMAGE_EXTS]
-
-
-def image_stream(path: str | os.PathLike, batch: int, limit: int = 0) -> tuple[int, Iterator[np.ndarray]]:
-    """-> (number of images, iterator of uint8 [n, H, W, 3] batches) for an npz, sample shards or image files."""
-    path = as_path(path)  # local or gs://
-    if path.is_file() and path.suffix == ".npz":
-        npzs = [path]
-    elif path.is_dir():
-        npzs = sorted(path.glob("images-*.npz"))
-    else:
-        raise FileNotFoundError(f"evaluate: input {path} is neither an .npz nor a folder")
-    if npzs:
-        total = sum(metrics_lib.npz_array_shape(f, "arr_0")[0] for f in npzs)
-        n = min(total, limit) if limit else total
-
-        def it_npz():
-            seen = 0
-            for f in npzs:
-                for b in metrics_lib.iter_npz_batches(f, "arr_0", batch):
-                    b = b[: n - seen]
-                    seen += len(b)
-                    if len(b):
-                        yield b
-                    if seen >= n:
-                        return
-
-        return n, it_npz()
-    files = _files(path)
-    if limit:
-        files = files[:limit]
-    if not files:
-        raise FileNotFoundError(f"evaluate: no images or npz shards in {path}")
-
-    def it_files():
-        size = None
-        for s in range(0, len(files), batch):
-            imgs = []
-            for f in files[s:s + batch]:
-                with f.open("rb") as fh, Image.open(fh) as im:
-                    a = np.asarray(im.convert("RGB"))
-                if size is None:
-                    size = a.shape
-                elif a.shape != size:
-                    raise ValueError(f"evaluate: {f} has size {a.shape[:2]}, others {size[:2]}; all images must "
-                                     "share one size (the ADM evaluator assumes 256x256)")
-                imgs.append(a)
-            yield np.stack(imgs)
-
-    return len(files), it_files()
-
-
 def build_inception(cfg: ml_collections.ConfigDict):
     from mmfm_jax.convert.inception import load_inception
 
@@ -115,11 +58,7 @@ def build_inception(cfg: ml_collections.ConfigDict):
 
 def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     model = build_inception(cfg)
-    gb = int(cfg.batch_size)
-    from mmfm_jax import parallel
-
-    mult = parallel.batch_size_multiple(ctx.mesh)
-    gb = -(-gb // mult) * mult
+    gb = parallel.round_up_batch(int(cfg.batch_size), ctx.mesh)
     n, stream = image_stream(cfg.input.path, gb, int(cfg.limit))
     log.info("evaluate: %d images from %s", n, cfg.input.path)
     bar = lambda it: progress(it, total=-(-n // gb), desc="inception (samples)")  # noqa: E731

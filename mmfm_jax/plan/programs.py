@@ -236,7 +236,7 @@ def _dataset_size(path: str) -> int:
 
 
 def _model_config(spec: ml_collections.ConfigDict, what: str):
-    from mmfm_jax.jobs.sample_gm import peek_model_config
+    from mmfm_jax.train.sampling import peek_model_config
 
     mcfg = peek_model_config(spec)
     if mcfg is None and spec.kind == "official" and spec.path and Path(spec.path).is_file():
@@ -261,7 +261,7 @@ def _abstract_model(mesh, mcfg, rules):
 def sample_builder(cfg: ml_collections.ConfigDict, mesh) -> tuple[Callable[[int], list[Program]], int]:
     """-> (``build(per_chip)`` -> [one step of the main model (+ guide), the same step + the decoder], configured
     per-chip batch). Both are the sample job's ``make_sample_fn`` program with ``sampler.num_points = 2``."""
-    from mmfm_jax.jobs.sample import build_decoder
+    from mmfm_jax.train.sample_io import build_decoder
     from mmfm_jax.train.sampling import make_sample_fn
 
     rules = parallel.rules_from_config(cfg)
@@ -322,7 +322,7 @@ def sample_builder(cfg: ml_collections.ConfigDict, mesh) -> tuple[Callable[[int]
 
 
 def encode_builder(cfg: ml_collections.ConfigDict, mesh) -> tuple[Callable[[int], Program], int]:
-    from mmfm_jax.jobs.encode import build_encoder, encode_program
+    from mmfm_jax.data.encoding import build_encoder, encode_program
 
     size = int(cfg.data.image_size)
     crop = int(cfg.data.crop_size) if cfg.data.path == "train" else size

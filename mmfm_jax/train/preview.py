@@ -27,8 +27,7 @@ def make_preview(mdef: Any, mcfg: Any, scfg: Any, mesh: Mesh, event_shape: tuple
     """-> ``preview(state, source) -> uint8 [H, W, 3]``: ``num_samples`` Euler samples (``num_points`` grid points,
     the training time shift) of ``state.ema``, drawn from the training source (its modes as labels when the model
     sees them), as a grid. Every process must call it (a collective); the batch is padded to the mesh's shards."""
-    mult = parallel.batch_size_multiple(mesh)
-    n = -(-num_samples // mult) * mult
+    n = parallel.round_up_batch(num_samples, mesh)
     grid = euler_grid(int(num_points), float(scfg.shift), 0.999)
     base = jax.random.PRNGKey(int(seed) + 4242)
     shard = scfg.shard_source

@@ -1,6 +1,7 @@
-"""The sampler the ``sample`` job and the Python API (``mmfm_jax.api``) share: a training run's model config and
-time shift, its EMA weights (restored through :class:`~mmfm_jax.train.checkpoint.Checkpointer`), the time grid, and
-the jitted sample function (source draw -> Euler / GM-ODE / GM-SDE, + (probabilistic) AutoGuidance -> decoder).
+"""The sampling program the ``sample`` job, the Python API (``mmfm_jax.api``), the planner and ``bench sample``
+share: a training run's model config and time shift, its EMA weights (restored by
+:func:`~mmfm_jax.train.checkpoint.restore_for_inference`) as a :class:`LoadedModel`, the time grid, and the jitted
+sample function (source draw -> Euler / GM-ODE / GM-SDE, + (probabilistic) AutoGuidance -> decoder).
 
 The sample config (``configs/sample.py``) keys read here: ``seed``, ``source.shard_table``, ``sampler.{solver,
 num_points, shift, t_end, dtype, gm_substeps, gm_order}``, ``guide.{scale, scales, t_min, t_max}``. Sample ``i``
@@ -14,7 +15,7 @@ import dataclasses
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ from mmfm_jax.utils import parse_compiler_options
 
 log = logging.getLogger("mmfm_jax")
 SDE_STREAM = 3
+SOLVERS = ("euler", "gm_ode", "gm_sde")
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> DiTDHConfig:
@@ -59,44 +61,50 @@ def train_shift(train_cfg: ml_collections.ConfigDict, event_shape: tuple[int, ..
                                                                                                    4096)))
 
 
+def peek_model_config(spec: ml_collections.ConfigDict) -> DiTDHConfig | None:
+    """The model config of a model spec (``kind='train'``: its run's ``config.json``) without loading weights; None
+    when it cannot be read yet (an official checkpoint, or a run that has not started)."""
+    if spec.kind != "train" or not spec.workdir:
+        return None
+    path = epath.Path(spec.workdir) / "config.json"
+    if not path.is_file():
+        return None
+    return model_config(ml_collections.ConfigDict(json.loads(path.read_text())))
+
+
+class LoadedModel(NamedTuple):
+    """A model ready for sampling: ``nnx.merge(graphdef, state)`` is the module, ``state`` sharded on the mesh."""
+
+    graphdef: Any
+    state: Any
+    config: DiTDHConfig
+    description: str  # where it came from: ``workdir@step`` or the checkpoint file
+
+
 def restore_train_ema(workdir: str | epath.PathLike, mesh, rules: Any = None, dtype: str | None = None, step: int = -1
                       ) -> tuple[nnx.GraphDef, Any, DiTDHConfig, int]:
     """EMA parameters (+ buffers) of a training run's checkpoint, restored onto ``mesh`` with the model's logical
-    shardings (a partial restore: the optimizer state is never read). ``step=-1``: the newest step that restores
-    (the Checkpointer's fallback: an unreadable newest step falls back to the previous one with a warning).
+    shardings by :func:`~mmfm_jax.train.checkpoint.restore_for_inference` (a partial restore with the
+    Checkpointer's fallback and cross-process agreement; ``step=-1``: the newest step that restores).
 
     Returns ``(graphdef, state, model_config, step)``; ``nnx.merge(graphdef, state)`` is the model.
     """
-    from mmfm_jax.train.checkpoint import Checkpointer
+    from mmfm_jax.train.checkpoint import restore_for_inference
 
-    workdir = epath.Path(workdir)
     mcfg = model_config(read_train_config(workdir))
     if dtype is not None:
         mcfg = dataclasses.replace(mcfg, dtype=dtype)
-    g, p, r = nnx.split(nnx.eval_shape(lambda: DiTDH(mcfg, nnx.Rngs(0))), nnx.Param, ...)
-    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    shard = lambda a: nnx.to_pure_dict(parallel.state_shardings(mesh, a, rules))  # noqa: E731
-    target = {"ema": jax.tree.map(sds, nnx.to_pure_dict(p), shard(p)),
-              "buffers": jax.tree.map(sds, nnx.to_pure_dict(r), shard(r))}
-    ckdir = workdir / "checkpoints"
-    if not ckdir.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {ckdir}")
-    restored = Checkpointer(ckdir, async_save=False).restore(target, with_config=False, partial=True,
-                                                             step=None if step < 0 else int(step))
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint{f' at step {step}' if step >= 0 else ''} in {ckdir}")
-    pstate, rstate = nnx.State(p), nnx.State(r)
-    nnx.replace_by_pure_dict(pstate, restored.state["ema"])
-    nnx.replace_by_pure_dict(rstate, restored.state["buffers"])
-    return g, nnx.state(nnx.merge(g, pstate, rstate)), mcfg, restored.step
+    abstract = nnx.eval_shape(lambda: DiTDH(mcfg, nnx.Rngs(0)))
+    g, state, restored_step = restore_for_inference(workdir, abstract, mesh, rules, int(step))
+    return g, state, mcfg, restored_step
 
 
-def load_model(spec: ml_collections.ConfigDict, mesh, rules: Any, dtype: str) -> tuple[Any, Any, DiTDHConfig, str]:
-    """-> (graphdef, sharded state, config, description) for ``spec.kind`` 'train' (``workdir``, ``step``) or
+def load_model(spec: ml_collections.ConfigDict, mesh, rules: Any, dtype: str) -> LoadedModel:
+    """The model of ``spec.kind`` 'train' (``workdir``, ``step``: its EMA weights, :func:`restore_train_ema`) or
     'official' (``path``: ``.pt`` / ``.safetensors`` / ``.npz``, ``prefix``, ``use_y_conditioning``)."""
     if spec.kind == "train":
         g, state, mcfg, step = restore_train_ema(spec.workdir, mesh, rules, dtype, int(spec.step))
-        return g, state, mcfg, f"{spec.workdir}@{step}"
+        return LoadedModel(g, state, mcfg, f"{spec.workdir}@{step}")
     from mmfm_jax.convert.ditdh import load_official_ditdh
 
     overrides: dict[str, Any] = {"dtype": dtype}
@@ -105,7 +113,7 @@ def load_model(spec: ml_collections.ConfigDict, mesh, rules: Any, dtype: str) ->
     model = load_official_ditdh(spec.path, prefix=spec.prefix, **overrides)
     g, state = nnx.split(model)
     state = jax.device_put(state, parallel.state_shardings(mesh, state, rules))
-    return g, state, model.config, str(spec.path)
+    return LoadedModel(g, state, model.config, str(spec.path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,17 +155,24 @@ def as_gm(out: jax.Array | GM) -> GM:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_shape):
-    """jit over the mesh: global sample indices [B] -> (uint8 images or latents [B, ...], modes [B]); with a
-    guidance sweep (``guide.scales``) the first output is [B, S, ...], entry s for scale s.
+def make_sample_fn(cfg: ml_collections.ConfigDict, mesh, main: LoadedModel, guide: LoadedModel | None = None,
+                   source: Any = None, decoder: Any = None, var: Any = None, mean: Any = None,
+                   event_shape: tuple[int, int] | None = None):
+    """The sampling program, jit over the mesh: global sample indices [B] -> (uint8 images or latents [B, ...],
+    modes [B]); with a guidance sweep (``guide.scales``) the first output is [B, S, ...], entry s for scale s.
 
-    ``main`` / ``guide``: :func:`load_model` tuples (guide None: no guidance); ``source``: a ``ModeSource`` or None
-    (Gaussian); ``decoder``: an ``RAEDecoder`` or None (latents out); ``var`` / ``mean``: the latent statistics
-    the decoder de-normalises with. Call as ``fn(main_state, guide_state, source, decoder_state, indices,
-    seed=cfg.seed)``: the seed (in [0, 2^31)) is an argument of the compiled program, so another seed does not
-    recompile. Returns ``(fn, grid)``.
+    ``cfg``: a sample config (the keys of the module docstring). ``main`` / ``guide``: :class:`LoadedModel`s (or
+    tuples in that order; guide None: no guidance); ``source``: a ``ModeSource`` or None (Gaussian); ``decoder``: an
+    ``RAEDecoder`` or None (latents out); ``var`` / ``mean``: the latent statistics the decoder de-normalises with;
+    ``event_shape``: ``(L, C)``, by default the main model's. Call as ``fn(main_state, guide_state, source,
+    decoder_state, indices, seed=cfg.seed)``: the seed (in [0, 2^31)) is an argument of the compiled program, so
+    another seed does not recompile. Returns ``(fn, grid)``.
     """
-    g_main, _, mcfg_main, _ = main
+    main = LoadedModel(*main)
+    guide = None if guide is None else LoadedModel(*guide)
+    g_main, mcfg_main = main.graphdef, main.config
+    if event_shape is None:
+        event_shape = (mcfg_main.input_size ** 2, mcfg_main.in_channels)
     grid = sample_grid(cfg, event_shape)
     table_sharded = source is not None and cfg.source.shard_table
     batch_sh = parallel.batch_sharding(mesh, 1)
@@ -183,8 +198,8 @@ def make_sample_fn(cfg, mesh, main, guide, source, decoder, var, mean, event_sha
         main_fn = lambda x, t: model(x, t, y)  # noqa: E731
         guide_fn = None
         if guide is not None:
-            gmodel = nnx.merge(guide[0], guide_state)
-            gy = k if guide[2].use_y_conditioning else None
+            gmodel = nnx.merge(guide.graphdef, guide_state)
+            gy = k if guide.config.use_y_conditioning else None
             guide_fn = lambda x, t: gmodel(x, t, gy)  # noqa: E731
         gsrc = None
         if gm and src is not None and mcfg_main.use_y_conditioning:
