@@ -31,7 +31,7 @@ def _timeit(fn, *args, repeats: int = 3) -> float:
 
 def main(argv: list[str]) -> None:
     from mmfm_jax import parallel
-    from mmfm_jax.config_utils import load_config
+    from mmfm_jax.config_files import load_config
     from mmfm_jax.gmm.diag import DiagGMM
     from mmfm_jax.gmm.source import ModeSource, shard_source
     from mmfm_jax.models.decoder import DecoderConfig, RAEDecoder
