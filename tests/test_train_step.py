@@ -292,7 +292,7 @@ def test_adam_mu_dtype_and_memory_options_are_validated(repo_dir):
 
 
 def test_config_changes_on_resume_are_listed():
-    from mmfm_jax.jobs.train import config_changes
+    from mmfm_jax.train.config import config_changes
 
     saved = {"train": {"base_lr": 2e-4, "depth": [28, 2], "num_steps": 4}, "seed": 0, "old": 1}
     now = {"train": {"base_lr": 1e-4, "depth": (28, 2), "num_steps": 4}, "seed": 0, "new": True}

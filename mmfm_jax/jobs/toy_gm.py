@@ -30,13 +30,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mmfm_jax.experiments.gm_report import METHODS, gm_beats_euler, steps_table
 from mmfm_jax.flow import gmflow
 from mmfm_jax.flow.gm_ops import GaussianSource
 from mmfm_jax.flow.loss import fm_loss_per_sample, interpolate
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
 from mmfm_jax.flow.time import sample_time_per_example
 from mmfm_jax.gmm.source import ModeSource, example_keys, sample_prior, sample_source
-from mmfm_jax.jobs.gm_report import METHODS, gm_beats_euler, steps_table
 from mmfm_jax.models.mlp import MLPVelocity
 from mmfm_jax.utils import progress
 
