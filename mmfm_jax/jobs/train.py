@@ -8,7 +8,6 @@ source=..., callbacks=...)`` trains on a given dataset / ``ModeSource`` and call
 every step (``cli.run_job`` passes them through).
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -44,6 +43,7 @@ validate = train_config.validate
 
 
 def build_dataset(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig):
+    """``data.kind='synthetic'``: deterministic random latents of the model's shape; else the latent shards."""
     if cfg.data.kind == "synthetic":
         return synthetic_latents(cfg.seed + 12345, cfg.data.synthetic_size, (mcfg.input_size ** 2, mcfg.in_channels),
                                  cfg.data.synthetic_cls_dim)
@@ -51,7 +51,7 @@ def build_dataset(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig):
 
 
 def _window_metrics(vals: list[dict], ips: float, tflops: float, peak: float) -> dict[str, float]:
-    mean = lambda k: float(np.mean([v[k] for v in vals]))  # noqa: E731
+    mean = lambda k: float(np.mean([v[k] for v in vals]))
     return dict(loss=mean("loss"), loss_unweighted=mean("loss_unweighted"), grad_norm=mean("grad_norm"),
                 lr=float(vals[-1]["lr"]), ema_decay=float(vals[-1]["ema_decay"]), t_mean=mean("t_mean"),
                 skipped_total=float(vals[-1]["skipped_total"]), images_per_s=ips, tflops_per_device=tflops,
