@@ -5,9 +5,10 @@ Fixed choices (README, docs): latent = 64 pixel tokens x 1 channel in [-1, 1]; [
 training budget 1000 steps at batch 64 (about 45 epochs of the 1,438 training digits); evaluation every 100 steps
 with 500 samples from the EMA model and a 10-point Euler grid (9 model evaluations).
 
-Variant ``gm_steps`` (``mode='gm_steps'``, ``mmfm_jax/jobs/demo_gm.py``): GMFlow's claim in miniature: FD vs number
-of steps (2..32) for Euler on a velocity DiTDH vs GM-ODE / GM-SDE on a GM DiTDH (``model.head='gm'``, K = 8)
-trained for the same budget, with the Gaussian source and the GMM source + mode coupling (mode-conditional model).
+Variant ``gm_steps`` (``mode='gm_steps'``, ``mmfm_jax/experiments/digits/gm.py``): GMFlow's claim in miniature: FD
+vs number of steps (2..32) for Euler on a velocity DiTDH vs GM-ODE / GM-SDE on a GM DiTDH (``model.head='gm'``,
+K = 8) trained for the same budget, with the Gaussian source and the GMM source + mode coupling (mode-conditional
+model).
 ``gm_steps_test``: its seconds-long version.
 """
 

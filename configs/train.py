@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = _model("XL", num_modes=8192, use_y_conditioning=True)
     c.data = ml_collections.ConfigDict(dict(
         kind="latents", path="", normalize=False, shuffle=True, num_threads=2, prefetch=2,
-        synthetic_size=256, synthetic_cls_dim=8, synthetic_nan=False))
+        synthetic_size=256, synthetic_cls_dim=8))
     c.source = ml_collections.ConfigDict(dict(
         kind="gmm_mode", path="", assignment="soft", temperature=1.0, y_from="mode", shard_table=True,
         table_dtype="float32"))  # 'bfloat16' halves the spatial table's memory (XL: 6.4 -> 3.2 GB)
@@ -75,7 +75,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ema_decay=0.9995, warmup_steps=2500, weight_by="mode"))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True,
                                                   preemption_check_every=10))
-    c.debug = ml_collections.ConfigDict(dict(hang_at_step=-1, sigterm_at_step=-1))
     # a TensorBoard grid of EMA samples (latents as images: PCA of the tokens) every `every_steps` (0 = off)
     c.preview = ml_collections.ConfigDict(dict(every_steps=5000, num_samples=16, num_points=25))
     c.log_every = 100

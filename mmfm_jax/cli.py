@@ -90,9 +90,10 @@ def _build_mesh(cfg):
         raise
 
 
-def run_job(job: str, cfg, workdir: str | Path) -> dict:
+def run_job(job: str, cfg, workdir: str | Path, **job_kwargs) -> dict:
     """Validate ``cfg`` (the job's ``validate``, then the mesh and input paths: ``preflight``; every error a
-    ``ConfigError`` naming the key), then create the workdir, run the job, write and return its summary."""
+    ``ConfigError`` naming the key), then create the workdir, run the job (``run(cfg, ctx, **job_kwargs)``: e.g.
+    the train job's ``callbacks=``), write and return its summary."""
     from mmfm_jax.jobs import preflight
     from mmfm_jax.jobs.common import start_job
 
@@ -103,7 +104,7 @@ def run_job(job: str, cfg, workdir: str | Path) -> dict:
     preflight.check(job, cfg, _build_mesh(cfg))
     ctx = start_job(job, cfg, workdir)
     try:
-        summary = module.run(cfg, ctx) or {}
+        summary = module.run(cfg, ctx, **job_kwargs) or {}
     finally:
         ctx.close()
     return ctx.write_summary(summary)
@@ -218,7 +219,9 @@ def run_subcommand(name: str, args: list[str]) -> None:
         module.main(["prepare-imagenet", *args])
 
 
-def run(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None, **job_kwargs) -> None:
+    """The command line; ``job_kwargs`` go to the job's ``run`` (a program embedding the CLI, e.g. with the train
+    job's ``callbacks=``)."""
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         if len(argv) >= 3 and argv[1] == "help" and argv[2] in JOBS:
@@ -261,7 +264,7 @@ def run(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         runner = getattr(module, "run_cli", None)  # a job that builds no local mesh / workdir context (plan)
-        summary = runner(cfg, parsed.workdir) if runner else run_job(job, cfg, parsed.workdir)
+        summary = runner(cfg, parsed.workdir) if runner else run_job(job, cfg, parsed.workdir, **job_kwargs)
     except ConfigError as e:
         _fail(job, e)
     if summary is not None and jax.process_index() == 0:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -43,6 +44,36 @@ def check_choice(cfg: ml_collections.ConfigDict, key: str, choices: Iterable[Any
 def check_positive(cfg: ml_collections.ConfigDict, key: str, allow_zero: bool = False) -> Any:
     return check(cfg, key, (lambda v: v >= 0) if allow_zero else (lambda v: v > 0),
                  "must be >= 0" if allow_zero else "must be > 0")
+
+
+_FIELD = re.compile(r"(?:[A-Z]\w*\.)?([a-z_]\w*)(?=[ :]|$)")
+
+
+@contextlib.contextmanager
+def config_errors(cfg: ml_collections.ConfigDict, prefix: str, keys: Mapping[str, str] | None = None
+                  ) -> Iterator[None]:
+    """Map library errors to config keys: a ``ValueError``/``TypeError`` raised inside whose message starts with a
+    field name (``x = value: why``, ``x: why`` or ``Owner.x ...``) becomes ``ConfigError('config.<key> ...')`` with
+    key ``keys[x]`` or ``<prefix>.x`` (when ``cfg`` has it; `` = value`` then shows the config's value). Other
+    messages get ``config.<prefix>: `` in front. A ``ConfigError`` passes unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        m = _FIELD.match(msg)
+        key = (keys or {}).get(m.group(1), f"{prefix}.{m.group(1)}") if m else None
+        try:
+            value = get_key(cfg, key) if key else None
+        except ConfigError:
+            key = None
+        if key is None:
+            raise ConfigError(f"config.{prefix}: {msg}") from None
+        rest = msg[m.end():]
+        if rest.startswith(" = ") and ": " in rest:
+            rest = f" = {value!r}" + rest[rest.index(": "):]
+        raise ConfigError(f"config.{key}{rest}") from None
 
 
 def base_config() -> ml_collections.ConfigDict:

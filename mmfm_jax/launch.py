@@ -15,7 +15,8 @@
 - SLURM: ``srun`` starts one task per GPU (``--per=gpu``) or per node (``--per=node``); jax reads the SLURM
   environment (process id, count, coordinator = first node; one GPU per task from ``SLURM_LOCALID``).
 - local: N processes with ``MMFM_COORDINATOR_ADDRESS`` / ``MMFM_NUM_PROCESSES`` / ``MMFM_PROCESS_ID`` (read by
-  ``parallel.maybe_initialize_distributed``) on 127.0.0.1, each with ``--cpu-devices`` fake CPU devices.
+  ``parallel.maybe_initialize_distributed``) on 127.0.0.1, each with ``--cpu-devices`` fake CPU devices, running
+  ``python -m <--module, default mmfm_jax> <job> ...``.
 When one process of a local or SLURM launch fails, the others are stopped and its exit code is returned.
 """
 
@@ -249,7 +250,7 @@ def local_commands(a: argparse.Namespace, job_argv: Sequence[str], port: int) ->
             "MMFM_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
         }
         env.update(dict(_env_pairs(a.env)))
-        out.append((env, [sys.executable, "-m", "mmfm_jax", *job_argv]))
+        out.append((env, [sys.executable, "-m", a.module, *job_argv]))
     return out
 
 
@@ -385,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--port", type=int, default=0)
     loc.add_argument("--timeout", type=float, default=0.0, help="seconds; 0 = no limit")
     loc.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping")
+    loc.add_argument("--module", default="mmfm_jax", help="the Python module each process runs with -m (a program "
+                     "that embeds the CLI: `mmfm_jax.cli.run(argv, **job_kwargs)`)")
     return p
 
 

@@ -37,9 +37,10 @@ def restore_jax_cache_settings():
 
 def test_dead_peer_ends_the_survivor_and_the_run_resumes(tmp_path, restore_jax_cache_settings):
     wd = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mmfm_jax.launch", "local", "--processes=2", "--cpu-devices=4", "--grace=60", "--",
+    cmd = [sys.executable, "-m", "mmfm_jax.launch", "local", "--processes=2", "--cpu-devices=4", "--grace=60",
+           "--module=tests.train_hooks", "--", "--hang-at=3",  # each process: mmfm-jax with a hang at step 3
            "train", f"--config={CONFIG_DIR}/train.py:tiny", "--config.train.num_steps=6",
-           "--config.checkpoint.every_steps=2", "--config.debug.hang_at_step=3", "--config.mesh.dcn_data=2",
+           "--config.checkpoint.every_steps=2", "--config.mesh.dcn_data=2",
            "--config.distributed.heartbeat_timeout_s=5", f"--workdir={wd}"]
     launcher = subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)

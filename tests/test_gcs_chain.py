@@ -27,12 +27,12 @@ TRAIN = {"data.kind": "latents", "data.normalize": True, "model.in_channels": 48
 
 
 def _train_cli(root: str, hang_at: int) -> None:
-    """``python -m mmfm_jax train`` on ``root/train`` in a subprocess, SIGKILLed while it waits at ``hang_at``."""
+    """``mmfm-jax train`` on ``root/train`` in a subprocess (through ``tests/train_hooks.py``), SIGKILLed while it
+    waits at ``hang_at``."""
     lat, src = f"{root}/enc/latents", f"{root}/gmm/source"
-    flags = [f"--config.{k}={v}" for k, v in {**TRAIN, "data.path": lat, "source.path": src,
-                                              "debug.hang_at_step": hang_at}.items()]
-    cmd = [sys.executable, "-m", "mmfm_jax", "train", f"--config={REPO}/configs/train.py:tiny",
-           f"--workdir={root}/train", *flags]
+    flags = [f"--config.{k}={v}" for k, v in {**TRAIN, "data.path": lat, "source.path": src}.items()]
+    cmd = [sys.executable, "-m", "tests.train_hooks", f"--hang-at={hang_at}", "train",
+           f"--config={REPO}/configs/train.py:tiny", f"--workdir={root}/train", *flags]
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", MMFM_NO_PROGRESS="1",
                TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryFile("w+") as err:

@@ -104,30 +104,29 @@ def test_train_job_gm_head(gm_run):
     assert len(losses) == 4 and np.isfinite(losses).all()
     assert np.isfinite([s["grad_norm"], s["loss_unweighted"]]).all()
     cfg = gm_run["cfg"]
-    from mmfm_jax.jobs.train import model_config
+    from mmfm_jax.train.config import model_config
 
     vel = dataclasses.replace(model_config(cfg), head="velocity")
     assert s["flops_per_step"] > 3 * ditdh_flops_per_example(vel) * cfg.train.global_batch_size
 
 
 def test_train_step_gm_loss_decreases_on_a_fixed_batch(gm_run):
-    """The job's compiled step, applied repeatedly to one batch with the step counter reset (so every random draw
-    repeats): the transition NLL falls."""
-    from mmfm_jax.gmm.source import load_source
+    """The job's program (the Trainer of its config: the same compiled step), applied repeatedly to one batch with
+    the step counter reset (so every random draw repeats): the transition NLL falls."""
+    from mmfm_jax import parallel
     from mmfm_jax.jobs import train as train_job
-    from mmfm_jax.train.step import put_batch
+    from mmfm_jax.train.trainer import Trainer
 
-    key, (init, _, _, step_fn) = list(train_job._COMPILED.items())[-1]
-    mcfg, scfg, mesh = key[0], key[1], key[3]
-    assert mcfg.head == "gm" and scfg.head == "gm" and scfg.y_from == "mode"
     cfg = gm_run["cfg"]
-    ds = train_job.synthetic_dataset(cfg, mcfg)
-    source, _ = load_source(cfg.source.path, mesh)
-    batch = put_batch({k: ds.arrays[k][:16] for k in ("latent", "cls", "label")}, mesh, scfg)
-    state = init()
+    trainer = Trainer.from_config(cfg, parallel.mesh_from_config(cfg))
+    mcfg, scfg = trainer.model_config, trainer.step_config
+    assert mcfg.head == "gm" and scfg.head == "gm" and scfg.y_from == "mode"
+    ds = train_job.build_dataset(cfg, mcfg)
+    batch = trainer.put_batch({k: ds.arrays[k][:16] for k in ("latent", "cls", "label")})
+    state = trainer.init_state()
     losses = []
     for _ in range(6):
-        state, m = step_fn(dataclasses.replace(state, step=jnp.zeros_like(state.step)), batch, source)
+        state, m = trainer.train_step(dataclasses.replace(state, step=jnp.zeros_like(state.step)), batch)
         losses.append(float(m["loss"]))
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0] - 0.05, losses
@@ -224,7 +223,8 @@ def test_toy_gm_steps(repo_dir, tmp_path):
 
 
 def test_demo_gm_steps_validation_and_table(repo_dir):
-    from mmfm_jax.jobs import demo, demo_gm
+    from mmfm_jax.experiments.digits import demo
+    from mmfm_jax.experiments.digits import gm as demo_gm
 
     cfg = load_config(f"{repo_dir}/configs/demo.py:gm_steps")
     demo.validate(cfg)

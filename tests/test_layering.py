@@ -37,21 +37,6 @@ LAYERS: tuple[tuple[tuple[str, ...], str], ...] = (
 RANK = {pkg: rank for rank, (pkgs, _) in enumerate(LAYERS) for pkg in pkgs}
 JOBS_SHARED = {"mmfm_jax.jobs", "mmfm_jax.jobs.common"}  # the registry and the helpers every job may import
 
-# Known violations that changes under way remove. Delete an entry with the import it names.
-KNOWN_IMPORTS: dict[tuple[str, str], str] = {
-    # the digits demo and the toy study move to experiments/; the sampling job's GM helpers move out of jobs/
-    ("mmfm_jax.jobs.demo", "mmfm_jax.jobs.demo_report"): "the demo moves to experiments/",
-    ("mmfm_jax.jobs.demo", "mmfm_jax.jobs.demo_gm"): "the demo moves to experiments/",
-    ("mmfm_jax.jobs.demo", "mmfm_jax.jobs.train"): "the demo moves to experiments/ and trains through the Trainer",
-    ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.demo"): "the demo moves to experiments/",
-    ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.demo_report"): "the demo moves to experiments/",
-    ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.gm_report"): "the demo moves to experiments/",
-    ("mmfm_jax.jobs.demo_gm", "mmfm_jax.jobs.train"): "the demo moves to experiments/ and trains through the Trainer",
-}
-KNOWN_CYCLES: list[set[str]] = [
-    {"mmfm_jax.jobs.demo", "mmfm_jax.jobs.demo_gm"},  # the demo moves to experiments/
-]
-
 Graph = dict[str, list[tuple[str, int]]]  # module -> [(imported module, line)]
 
 
@@ -127,7 +112,7 @@ def violations(graph: Graph, root: Path = ROOT) -> list[str]:
     for src in sorted(graph):
         for dst, line in graph[src]:
             reason = why_not(src, dst)
-            if reason is not None and (src, dst) not in KNOWN_IMPORTS:
+            if reason is not None:
                 out.append(f"{mods[src].relative_to(root.parent)}:{line}: {src} -> {dst} ({reason})")
     return out
 
@@ -203,7 +188,7 @@ def test_imports_go_down_the_layers():
 
 
 def test_no_import_cycles():
-    found = [format_cycle(*c) for c in cycles(import_graph(ROOT)) if set(c[0]) not in KNOWN_CYCLES]
+    found = [format_cycle(*c) for c in cycles(import_graph(ROOT))]
     assert not found, "import cycles:\n  " + "\n  ".join(found)
 
 

@@ -49,9 +49,9 @@ def _state(workdir: Path, cfg, step=None):
     import jax
 
     from mmfm_jax import parallel
-    from mmfm_jax.jobs.train import model_config
     from mmfm_jax.models.ditdh import DiTDH
     from mmfm_jax.train.checkpoint import Checkpointer
+    from mmfm_jax.train.config import model_config
     from mmfm_jax.train.optim import optimizer_from_config
     from mmfm_jax.train.state import abstract_train_state
 
@@ -98,9 +98,11 @@ def _env(root: Path, devices: int = 8) -> dict:
                 TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def _cli(workdir: Path, source: Path, extra: dict) -> list[str]:
+def _cli(workdir: Path, source: Path, extra: dict, hooks: tuple[str, ...] = ()) -> list[str]:
+    """``mmfm-jax train`` through ``tests/train_hooks.py`` (``hooks``: e.g. ``--hang-at=5``)."""
     flags = [f"--config.{k}={v}" for k, v in overrides(str(source), **extra).items()]
-    return [sys.executable, "-m", "mmfm_jax", "train", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
+    return [sys.executable, "-m", "tests.train_hooks", *hooks, "train", f"--config={CONFIG}", f"--workdir={workdir}",
+            *flags]
 
 
 def _start_and_wait_for_hang(cmd, env, log: Path, step: int) -> subprocess.Popen:
@@ -116,6 +118,8 @@ def _start_and_wait_for_hang(cmd, env, log: Path, step: int) -> subprocess.Popen
 
 
 def test_sigterm_kill9_resume_is_bitwise(tmp_path_factory):
+    from train_hooks import sigterm_at
+
     from mmfm_jax.cli import run_job
 
     base = _baseline(tmp_path_factory)
@@ -123,10 +127,10 @@ def test_sigterm_kill9_resume_is_bitwise(tmp_path_factory):
     assert base["summary"]["source"] == "gmm_mode" and base["summary"]["y_from"] == "mode"
     root, wd = base["root"], base["root"] / "killed"
     # 1) fresh run; a real SIGTERM at step 3 -> checkpoint 3 at the step boundary, clean return
-    s1 = run_job("train", _cfg(base["source"], **{"debug.sigterm_at_step": 3}), wd)
+    s1 = run_job("train", _cfg(base["source"]), wd, callbacks=[sigterm_at(3)])
     assert s1["preempted"] and s1["final_step"] == 3 and s1["checkpoints"] == [2, 3]
     # 2) another process resumes from 3 and is killed (SIGKILL) while at step 5 (step 4 saved, 5 not)
-    p = _start_and_wait_for_hang(_cli(wd, base["source"], {"debug.hang_at_step": 5}), _env(root),
+    p = _start_and_wait_for_hang(_cli(wd, base["source"], {}, ("--hang-at=5",)), _env(root),
                                  root / "p2.log", 5)
     p.kill()
     p.wait(timeout=60)
@@ -162,12 +166,15 @@ def test_nonfinite_steps_stop_the_run(tmp_path_factory):
     import pytest
 
     from mmfm_jax.cli import run_job
-    from mmfm_jax.jobs.train import NonFiniteError
+    from mmfm_jax.data.synthetic import synthetic_latents
+    from mmfm_jax.train.trainer import NonFiniteError
 
     base = _baseline(tmp_path_factory)
-    cfg = _cfg(base["source"], **{"data.synthetic_nan": True})
+    cfg = _cfg(base["source"])
+    nan = synthetic_latents(cfg.seed + 12345, cfg.data.synthetic_size, (16, 4), cfg.data.synthetic_cls_dim)
+    nan.arrays["latent"][:] = np.nan  # the job's synthetic dataset, every latent NaN
     with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps"):
-        run_job("train", cfg, base["root"] / "nan")
+        run_job("train", cfg, base["root"] / "nan", dataset=nan)
     st = _state(base["root"] / "nan", cfg, step=2)
     assert int(st.skipped) == 2 and int(st.nonfinite_streak) == 2 and int(st.step) == 2
     # nothing was updated: params equal the fresh initialisation (EMA too)

@@ -293,7 +293,7 @@ def test_adam_mu_dtype_and_memory_options_are_validated(repo_dir):
 
 
 def test_config_changes_on_resume_are_listed():
-    from mmfm_jax.jobs.train import config_changes
+    from mmfm_jax.train.config import config_changes
 
     saved = {"train": {"base_lr": 2e-4, "depth": [28, 2], "num_steps": 4}, "seed": 0, "old": 1}
     now = {"train": {"base_lr": 1e-4, "depth": (28, 2), "num_steps": 4}, "seed": 0, "new": True}
@@ -343,3 +343,19 @@ def test_ditdh_step_sharded_equals_single_device(dtype, rtol):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=rtol)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=rtol)
     _close(p8, p1, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_config_errors_maps_fields_to_keys(repo_dir):
+    from mmfm_jax.config_files import load_config
+    from mmfm_jax.config_utils import ConfigError, config_errors
+
+    cfg = load_config(f"{repo_dir}/configs/train.py:tiny_gm", {"train.gm_trans_ratio": 0.25})
+    with pytest.raises(ConfigError, match=r"^config\.train\.gm_trans_ratio = 0\.25: in \(0, 1\]$"):
+        with config_errors(cfg, "train", {"trans_ratio": "train.gm_trans_ratio"}):
+            raise ValueError("trans_ratio = 0.5: in (0, 1]")  # the config's value is shown
+    with pytest.raises(ConfigError, match=r"^config\.model\.depth: too deep$"):
+        with config_errors(cfg, "model"):
+            raise TypeError("DiTDHConfig.depth: too deep")
+    with pytest.raises(ConfigError, match=r"^config\.model: unknown preset 'Q'$"):  # not a field of config.model
+        with config_errors(cfg, "model"):
+            raise ValueError("unknown preset 'Q'")

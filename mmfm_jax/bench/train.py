@@ -1,8 +1,9 @@
 """``python -m mmfm_jax.bench train [--config=configs/train.py:xl_mode] [--batch=N] [--accum=A] [--dtype=bfloat16]
 [--steps=10] [--peak=989] [--remat=none] [--scan] [--fsdp=1] [--set model.residual_dtype=bfloat16 ...]``
 
-Times the real jitted train step (in-step mode coupling from a synthetic K-mode source, AdamW, EMA) on synthetic
-latents over every device, and prints images/s, model TFLOP/s per device (3 x forward matmul FLOPs) and MFU against
+Times the train job's program (``train.trainer.Trainer.from_config``: the same jitted step, in-step mode coupling
+from a synthetic K-mode source, AdamW, EMA) on synthetic latents over every device, and prints images/s, model
+TFLOP/s per device (3 x forward matmul FLOPs) and MFU against
 ``--peak`` (dense bf16 TFLOP/s per device: H100 SXM 989, TPU v5p 459, v6e 918). ``--batch=0`` searches the largest
 global batch (powers of two per device) that compiles and runs. ``--set a.b=v`` overrides any config key (values
 parsed as Python literals, else strings), e.g. ``--set model.depth='(8, 2)'`` for a quicker compile.
@@ -15,53 +16,47 @@ checksums as a fraction of a save / restore.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
 import numpy as np
 
+from mmfm_jax.models.ditdh import ditdh_flops_per_example
 from mmfm_jax.utils import parse_compiler_options
 
 
 def _setup(args):
+    """The config, and the train job's program on it (``Trainer.from_config``) with a synthetic K-mode source."""
     from pathlib import Path
 
     from mmfm_jax import parallel
     from mmfm_jax.config_files import load_config
     from mmfm_jax.gmm.diag import DiagGMM
-    from mmfm_jax.gmm.source import ModeSource, cast_table, shard_source
-    from mmfm_jax.jobs.train import model_config, step_config
-    from mmfm_jax.models.ditdh import DiTDH, ditdh_flops_per_example
-    from mmfm_jax.train.optim import optimizer_from_config
-    from mmfm_jax.train.state import create_train_state
-    from mmfm_jax.train.step import make_train_step
+    from mmfm_jax.gmm.source import ModeSource
+    from mmfm_jax.train.config import model_config
+    from mmfm_jax.train.trainer import Trainer
 
     cfg_path = args.config
     if not cfg_path.startswith("/"):
         cfg_path = str(Path(__file__).resolve().parents[2] / cfg_path)
-    overrides = {"train.compute_dtype": args.dtype, "train.grad_accum_steps": args.accum, "mesh.fsdp": args.fsdp}
+    overrides = {"train.compute_dtype": args.dtype, "train.grad_accum_steps": args.accum, "mesh.fsdp": args.fsdp,
+                 "model.remat": args.remat, "model.scan_layers": args.scan}
     overrides.update(_parse_sets(args.set))
     cfg = load_config(cfg_path, overrides)
-    mcfg = dataclasses.replace(model_config(cfg), remat=args.remat, scan_layers=args.scan)
     mesh = parallel.mesh_from_config(cfg)
-    tokens, ch = mcfg.input_size ** 2, mcfg.in_channels
-    kind = cfg.source.kind
+    # the step traces per batch shape; the config's batch only has to divide over this mesh
+    cfg.train.global_batch_size = parallel.batch_size_multiple(mesh) * args.accum
+    mcfg = model_config(cfg)
     source = None
-    k = mcfg.num_modes
-    if kind != "gaussian":
+    if cfg.source.kind != "gaussian":
         r = np.random.default_rng(0)
-        d = 768
+        k, d = mcfg.num_modes, 768
         gmm = DiagGMM(np.full(k, 1.0 / k, np.float32), r.normal(size=(k, d)).astype(np.float32),
                       np.ones((k, d), np.float32))
-        table = np.zeros((k, tokens, ch), np.float32)
-        source = shard_source(ModeSource(gmm, table, np.ones(k, np.float32)), mesh)
-        source = cast_table(source, cfg.source.table_dtype)
-    scfg = step_config(cfg, (tokens, ch), k)
-    tx, lr_fn, ema_fn = optimizer_from_config(cfg.train)
-    state, sh, mdef = create_train_state(lambda rr: DiTDH(mcfg, rr), tx, mesh, 0, scfg.adaptive.num_modes)
-    step = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, sh, parse_compiler_options(cfg.train.compiler_options))
-    return cfg, mcfg, mesh, source, scfg, state, step, ditdh_flops_per_example(mcfg)
+        source = ModeSource(gmm, np.zeros((k, mcfg.input_size ** 2, mcfg.in_channels), np.float32),
+                            np.ones(k, np.float32))
+    trainer = Trainer.from_config(cfg, mesh, source=source)
+    return cfg, trainer, trainer.init_state()
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -80,34 +75,33 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def _batch(mesh, scfg, g: int, tokens: int, ch: int):
-    from mmfm_jax.train.step import put_batch
-
+def _batch(trainer, g: int, tokens: int, ch: int):
     r = np.random.default_rng(1)
     local = g // jax.process_count()
     b = {"latent": r.normal(size=(local, tokens, ch)).astype(np.float32),
          "cls": r.normal(size=(local, 768)).astype(np.float32), "label": np.zeros(local, np.int32)}
-    return put_batch(b, mesh, scfg)
+    return trainer.put_batch(b)
 
 
-def _time(step, state, batch, source, steps: int):
-    state, m = step(state, batch, source)  # compile + warm-up
+def _time(trainer, state, batch, steps: int):
+    step = trainer.train_step
+    state, m = step(state, batch)  # compile + warm-up
     jax.block_until_ready(m)
-    state, m = step(state, batch, source)
+    state, m = step(state, batch)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, m = step(state, batch, source)
+        state, m = step(state, batch)
     jax.block_until_ready(m)
     return state, (time.perf_counter() - t0) / steps, float(m["loss"])
 
 
-def _trace(step, state, batch, source, log_dir: str, steps: int = 3) -> None:
+def _trace(trainer, state, batch, log_dir: str, steps: int = 3) -> None:
     from mmfm_jax.bench import trace_summary
 
     with jax.profiler.trace(log_dir):
         for _ in range(steps):
-            state, m = step(state, batch, source)
+            state, m = trainer.train_step(state, batch)
         jax.block_until_ready(m)
     trace_summary.main(["trace_summary", log_dir, f"--steps={steps}"])
 
@@ -173,7 +167,9 @@ def main(argv: list[str]) -> None:
                    help="after timing, profile 3 steps of the last batch into DIR and print where the device time "
                         "goes (bench trace_summary)")
     args = p.parse_args(argv[1:])
-    cfg, mcfg, mesh, source, scfg, state, step, fwd_flops = _setup(args)
+    cfg, trainer, state = _setup(args)
+    mcfg, scfg = trainer.model_config, trainer.step_config
+    fwd_flops = ditdh_flops_per_example(mcfg)
     tokens, ch = mcfg.input_size ** 2, mcfg.in_channels
     n_dev = jax.device_count()
     print(f"devices: {n_dev} x {jax.devices()[0].device_kind}; model {cfg.model.preset} "
@@ -196,8 +192,8 @@ def main(argv: list[str]) -> None:
         if g % args.accum or (g // args.accum) % n_dev:
             continue
         try:
-            batch = _batch(mesh, scfg, g, tokens, ch)
-            state, sec, loss = _time(step, state, batch, source, args.steps)
+            batch = _batch(trainer, g, tokens, ch)
+            state, sec, loss = _time(trainer, state, batch, args.steps)
         except Exception as e:  # noqa: BLE001  (out of memory: stop the search)
             msg = str(e).splitlines()[0][:160]
             print(f"batch {g}: failed ({type(e).__name__}: {msg})")
@@ -211,7 +207,7 @@ def main(argv: list[str]) -> None:
               f"MFU {100 * row['mfu']:5.1f}%  (loss {loss:.4f}){_peak_memory()}")
         best = (row, batch)
     if best and args.trace:
-        _trace(step, state, best[1], source, args.trace)
+        _trace(trainer, state, best[1], args.trace)
     best = best[0] if best else None
     if best:
         print(f"\nbest: batch {best['batch']}, {best['images_per_s']:.1f} img/s, "

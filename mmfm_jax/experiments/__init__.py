@@ -1,1 +1,2 @@
-"""Studies built on the library (each a package or module run by a CLI job): the digits demo, the toy study, GM-solver reports."""
+"""Studies built on the library, each run by a CLI job: the digits demo (``experiments.digits``), the toy study
+(``experiments.toy``) and the GM-solver step tables (``experiments.gm_report``)."""

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.flow.loss import interpolate
 from mmfm_jax.flow.samplers import euler_grid
 from mmfm_jax.ops import gm as ops
@@ -270,10 +269,9 @@ def sample_sweep(gm_fn: GMFn, x: jax.Array, grid: Any, guidance_scales: Sequence
 
 
 def validate_gm_source(kind: str, mode_conditional: bool, *, trans_ratio: float = 1.0, solver: str = "ode",
-                       num_substeps: int = 1, order: int = 1, prefix: str = "gmflow",
-                       source_prefix: str = "source") -> None:
-    """Fail before work starts when a GMFlow option has no closed form for the source (raises ``ConfigError``,
-    a ``ValueError``, naming ``config.<key>``).
+                       num_substeps: int = 1, order: int = 1) -> None:
+    """Fail before work starts when a GMFlow option has no closed form for the source: ``ValueError`` whose message
+    starts with the argument's name (``trans_ratio = 0.5: ...``; ``config_utils.config_errors`` maps it to a key).
 
     - ``gaussian`` source, or ``gmm`` with ``mode_conditional`` (the model sees the mode m, and
       ``p(x_t | x0, m)`` is Gaussian): everything works (pass the mode's N(mu_m, sigma_m^2) as ``source``).
@@ -284,26 +282,26 @@ def validate_gm_source(kind: str, mode_conditional: bool, *, trans_ratio: float 
       guidance remain.
     """
     if kind not in SOURCE_KINDS:
-        raise ConfigError(f"config.{source_prefix}.kind = {kind!r}: must be one of {SOURCE_KINDS}")
+        raise ValueError(f"kind = {kind!r}: must be one of {SOURCE_KINDS}")
     if solver not in SOLVERS:
-        raise ConfigError(f"config.{prefix}.solver = {solver!r}: must be one of {SOLVERS}")
+        raise ValueError(f"solver = {solver!r}: must be one of {SOLVERS}")
     if not 0.0 < trans_ratio <= 1.0 or not math.isfinite(trans_ratio):
-        raise ConfigError(f"config.{prefix}.trans_ratio = {trans_ratio!r}: must be in (0, 1]")
+        raise ValueError(f"trans_ratio = {trans_ratio!r}: must be in (0, 1]")
     if order not in (1, 2):
-        raise ConfigError(f"config.{prefix}.order = {order!r}: must be 1 or 2")
+        raise ValueError(f"order = {order!r}: must be 1 or 2")
     if not isinstance(num_substeps, int) or num_substeps < 1:
-        raise ConfigError(f"config.{prefix}.num_substeps = {num_substeps!r}: must be an int >= 1")
+        raise ValueError(f"num_substeps = {num_substeps!r}: must be an int >= 1")
     if solver == "sde" and num_substeps != 1:
-        raise ConfigError(f"config.{prefix}.num_substeps = {num_substeps}: GM-SDE takes one substep per step")
+        raise ValueError(f"num_substeps = {num_substeps}: GM-SDE takes one substep per step")
     if kind == "gaussian" or mode_conditional:
         return
-    why = (f"has no closed form on the unconditional GMM source (config.{source_prefix}.mode_conditional = False: "
+    why = ("has no closed form on a GMM source whose mode the model does not see (mode_conditional = False: "
            "p(x_t | x0) is a mixture over modes); use a Gaussian or mode-conditional source")
     if trans_ratio != 1.0:
-        raise ConfigError(f"config.{prefix}.trans_ratio = {trans_ratio}: the transition loss (< 1) {why}, or 1.0")
+        raise ValueError(f"trans_ratio = {trans_ratio}: the transition loss (< 1) {why}, or 1.0")
     if solver == "sde":
-        raise ConfigError(f"config.{prefix}.solver = 'sde': the GM-SDE bridge {why}, or solver 'ode'")
+        raise ValueError(f"solver = 'sde': the GM-SDE bridge {why}, or the GM-ODE solver")
     if num_substeps != 1:
-        raise ConfigError(f"config.{prefix}.num_substeps = {num_substeps}: GM-ODE substeps (Eq. 10) {why}, or 1")
+        raise ValueError(f"num_substeps = {num_substeps}: GM-ODE substeps (Eq. 10) {why}, or 1")
     if order != 1:
-        raise ConfigError(f"config.{prefix}.order = {order}: the second-order GM solver {why}, or order 1")
+        raise ValueError(f"order = {order}: the second-order GM solver {why}, or order 1")

@@ -179,7 +179,10 @@ def draw_from_modes_sharded(source: ModeSource, k: jax.Array, keys: jax.Array, m
     return fn(source.means, source.variances, k.astype(jnp.int32), keys)
 
 
-def _draw(source: ModeSource, k: jax.Array, keys: jax.Array, mesh: Mesh | None, dtype: Any) -> jax.Array:
+def draw_modes(source: ModeSource, k: jax.Array, keys: jax.Array, mesh: Mesh | None = None,
+               dtype: Any = jnp.float32) -> jax.Array:
+    """``z0 = mean_k + sqrt(var_k) eps`` [B, *event] for modes ``k`` [B]: the K-sharded gather when ``mesh`` spans
+    more than one table shard, else the plain gather."""
     if mesh is not None and _n_shards(mesh) > 1:
         return draw_from_modes_sharded(source, k, keys, mesh, dtype)
     return draw_from_modes(source, k, keys, dtype)
@@ -218,14 +221,14 @@ def sample_source(kind: str, source: ModeSource | None, cls: jax.Array | None, k
         if cls is None:
             raise ValueError("sample_source: 'gmm_mode' needs the [CLS] vectors")
         k = posterior_modes(source.gmm, cls, mkeys, assignment, temperature)
-    return _draw(source, k, keys, mesh, dtype), k
+    return draw_modes(source, k, keys, mesh, dtype), k
 
 
 def sample_prior(source: ModeSource, keys: jax.Array, *, mesh: Mesh | None = None,
                  dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
     """Sampling time: k ~ weights, then ``z0 = mean_k + sqrt(var_k) eps``. Returns ``(z0 [B, L, C], k [B])``."""
     k = prior_modes(source.gmm.weights, _stream(keys, _MODE_STREAM))
-    return _draw(source, k, keys, mesh, dtype), k
+    return draw_modes(source, k, keys, mesh, dtype), k
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 # job name -> module (imported lazily so `python -m mmfm_jax --help` stays fast)
 JOBS: dict[str, str] = {
     "toy": "mmfm_jax.experiments.toy.job",
-    "demo": "mmfm_jax.jobs.demo",
+    "demo": "mmfm_jax.experiments.digits.demo",
     "train": "mmfm_jax.jobs.train",
     "encode": "mmfm_jax.jobs.encode",
     "fit-gmm": "mmfm_jax.jobs.fit_gmm",

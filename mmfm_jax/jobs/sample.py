@@ -38,7 +38,7 @@ import ml_collections
 from flax import nnx
 
 from mmfm_jax import parallel
-from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
+from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, config_errors, validate_base
 from mmfm_jax.flow import gmflow
 from mmfm_jax.models import encoders
 from mmfm_jax.models.ditdh import DiTDHConfig
@@ -101,18 +101,10 @@ def validate_for_model(cfg: ml_collections.ConfigDict, mcfg: DiTDHConfig) -> Non
     solver = "sde" if cfg.sampler.solver == "gm_sde" else "ode"
     substeps = gm_substeps(cfg) if cfg.sampler.solver != "euler" else 1
     order = int(cfg.sampler.gm_order) if cfg.sampler.solver != "euler" else 1
-    try:
+    with config_errors(cfg, "sampler", {"kind": "source.kind", "num_substeps": "sampler.gm_substeps",
+                                         "order": "sampler.gm_order"}):
         gmflow.validate_gm_source(cfg.source.kind, mcfg.use_y_conditioning, solver=solver, num_substeps=substeps,
-                                  order=order, prefix="sampler", source_prefix="source")
-    except ConfigError as e:
-        msg = str(e)
-        for a, b in (("config.sampler.num_substeps", "config.sampler.gm_substeps"),
-                     ("config.sampler.order", "config.sampler.gm_order"),
-                     ("config.sampler.solver = 'sde'", "config.sampler.solver = 'gm_sde'"),
-                     ("or solver 'ode'", "or solver 'gm_ode'"),
-                     ("config.source.mode_conditional = False", "the model does not see the mode")):
-            msg = msg.replace(a, b)
-        raise ConfigError(msg) from None
+                                  order=order)
     if cfg.decoder.enabled:
         check(cfg, "decoder.weights", lambda v: bool(v) or cfg.decoder.random_init,
               "required: the RAE decoder (official model.pt, or .safetensors/.npz with its keys)")

@@ -120,8 +120,8 @@ def _abstract_source(mesh, k: int, cls_dim: int, event_shape: tuple[int, int], t
 def train_builder(cfg: ml_collections.ConfigDict, mesh) -> tuple[Callable[[int], Program], int]:
     """-> (``build(micro_per_chip)``, the configured micro-batch per chip). The global batch is
     ``micro_per_chip x batch shards x train.grad_accum_steps``."""
-    from mmfm_jax.jobs.train import model_config, step_config
     from mmfm_jax.models.ditdh import DiTDH, ditdh_flops_per_example
+    from mmfm_jax.train.config import model_config, step_config
     from mmfm_jax.train.optim import optimizer_from_config
     from mmfm_jax.train.state import abstract_train_state
     from mmfm_jax.train.step import batch_keys, check_batch_geometry, make_train_step

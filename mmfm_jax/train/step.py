@@ -38,7 +38,7 @@ from mmfm_jax import parallel
 from mmfm_jax.flow import gmflow
 from mmfm_jax.flow.loss import fm_loss_per_sample, interpolate
 from mmfm_jax.flow.time import sample_time_per_example
-from mmfm_jax.gmm.source import ModeSource, _draw, sample_source
+from mmfm_jax.gmm.source import ModeSource, draw_modes, sample_source
 from mmfm_jax.ops import gm as gm_ops
 from mmfm_jax.train import adaptive as adaptive_lib
 from mmfm_jax.train.optim import ema_update
@@ -85,7 +85,7 @@ class StepConfig:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.head == "gm":
             gmflow.validate_gm_source("gaussian" if self.source_kind == "gaussian" else "gmm",
-                                      self.y_from == "mode", trans_ratio=self.gm_trans_ratio, prefix="train")
+                                      self.y_from == "mode", trans_ratio=self.gm_trans_ratio)
 
 
 def mode_gaussian(source: ModeSource, k: jax.Array, mesh: Mesh | None = None) -> gm_ops.GaussianSource:
@@ -94,7 +94,7 @@ def mode_gaussian(source: ModeSource, k: jax.Array, mesh: Mesh | None = None) ->
     (scalar variance per mode) or [B, L, C] (per dimension). fp32."""
     zero = ModeSource(source.gmm, source.means, jnp.zeros_like(source.variances))
     keys = jnp.zeros(k.shape + (2,), jnp.uint32)  # raw keys: eps is multiplied by a zero std
-    mean = _draw(zero, k, keys, mesh, jnp.float32)
+    mean = draw_modes(zero, k, keys, mesh, jnp.float32)
     std = jnp.sqrt(jnp.take(jnp.asarray(source.variances, jnp.float32), k, axis=0))
     return gm_ops.GaussianSource(mean, std.reshape(std.shape + (1,) * (mean.ndim - std.ndim)))
 

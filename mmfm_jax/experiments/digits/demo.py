@@ -4,8 +4,8 @@ Claim: a GMM source with mode coupling converges much faster than the Gaussian b
 latent = pixel tokens [64, 1] in [-1, 1] (L = 64 row-major pixels, C = 1); [CLS] vector = the flattened image.
 The GMM is fitted with our sharded EM on the training split's [CLS] vectors; the spatial table (per-mode mean
 latent + one scalar variance) comes from the same K-sharded spatial pass as the ImageNet pipeline (no flips:
-digits are not mirror-symmetric). A tiny DiTDH is trained for the same budget in each setting with the real
-train step (in-step coupling, EMA, AdamW, clipping):
+digits are not mirror-symmetric). A tiny DiTDH is trained for the same budget in each setting with the
+train job's program (``train.trainer.Trainer``: in-step coupling, EMA, AdamW, clipping):
 
 - ``gaussian``: Gaussian source, independent coupling (the baseline);
 - ``gmm_indep``: GMM source, independent coupling (modes drawn from the weights);
@@ -17,7 +17,7 @@ is scored by a small MLP classifier trained in the job on the training split: Fr
 features against the training split ("FD"), and classifier mode coverage (classes that get at least a quarter of
 their share of samples; and the total variation between the predicted-class histogram and the data's). Output:
 ``table.md`` (metric vs step), ``report.md``, ``summary.json``, ``convergence.png``, ``samples.png``,
-``samples_<setting>.png`` (``jobs/demo_report.py``), the steps each GMM setting needs to reach the baseline's final FD
+``samples_<setting>.png`` (``report.py``), the steps each GMM setting needs to reach the baseline's final FD
 (the speed-up, a bound), one TensorBoard run per setting (``tb/<setting>``: scalars and sample grids) and each
 setting's EMA model in the train job's layout (``models/<setting>``; the GMM source in ``models/source``).
 """
@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -37,28 +36,24 @@ from flax import nnx
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import check, check_choice, check_positive, validate_base
 from mmfm_jax.data import digits
-from mmfm_jax.data import latents as latents_lib
-from mmfm_jax.eval import classifier as clf_lib
-from mmfm_jax.eval.metrics import feature_stats, frechet_distance
+from mmfm_jax.experiments.digits import gm
+from mmfm_jax.experiments.digits.common import (
+    SETTINGS,
+    draw_source,
+    fit_source,
+    make_trainer,
+    prepare,
+    score,
+    setting_config,
+)
+from mmfm_jax.experiments.digits.report import LABELS, write_outputs
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
-from mmfm_jax.gmm import em, spatial
-from mmfm_jax.gmm.source import ModeSource, sample_prior, sample_source, save_source, shard_source
-from mmfm_jax.jobs.demo_report import LABELS, write_outputs
-from mmfm_jax.jobs.train import checked_model_config, model_config, step_config
-from mmfm_jax.models.ditdh import DiTDH
+from mmfm_jax.gmm.source import ModeSource, save_source
 from mmfm_jax.storage import write_json_atomic
-from mmfm_jax.train.optim import optimizer_from_config
-from mmfm_jax.train.state import create_train_state
-from mmfm_jax.train.step import make_train_step, put_batch
+from mmfm_jax.train.config import checked_model_config
 from mmfm_jax.utils import MetricWriter, progress
 
 DEFAULT_CONFIG = "demo.py"
-SETTINGS = {  # name -> (source kind, model sees the mode)
-    "gaussian": ("gaussian", False),
-    "gmm_indep": ("gmm_indep", False),
-    "gmm_mode": ("gmm_mode", False),
-    "gmm_mode_cond": ("gmm_mode", True),
-}
 log = logging.getLogger("mmfm_jax")
 
 
@@ -67,9 +62,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     checked_model_config(cfg)
     check_choice(cfg, "mode", ("convergence", "gm_steps"))
     if cfg.mode == "gm_steps":
-        from mmfm_jax.jobs.demo_gm import validate_gm_steps
-
-        validate_gm_steps(cfg)
+        gm.validate_gm_steps(cfg)
     check(cfg, "settings", lambda v: len(v) > 0 and all(s in SETTINGS for s in v), f"subset of {tuple(SETTINGS)}")
     check(cfg, "settings", lambda v: "gaussian" in v, "must include 'gaussian' (the baseline the speed-up is "
           "measured against)")
@@ -78,50 +71,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg, "sampler.num_points", lambda v: v >= 2, "must be >= 2")
     check(cfg, "eval_extra", lambda v: all(isinstance(e, int) and 0 < e <= cfg.train.num_steps for e in v),
           "must be steps in [1, train.num_steps] (extra evaluations besides every eval_every)")
-
-
-def fit_source(cfg, mesh, train: dict[str, np.ndarray]) -> tuple[ModeSource, dict]:
-    """EM on the [CLS] vectors, then the spatial pass (hard assignment, per-mode mean + scalar variance)."""
-    g = cfg.gmm
-    gmm, info = em.fit(train["cls"], int(g.n_components), mesh=mesh, seed=int(cfg.seed), max_iter=int(g.max_iter),
-                       tol=float(g.tol), reg_covar=float(g.reg_covar), chunk_size=int(g.chunk_size))
-    from mmfm_jax.gmm.diag import predict
-
-    labels = np.asarray(predict(gmm, jnp.asarray(train["cls"])))
-    n, tokens, ch = train["latent"].shape
-    st = spatial.init_stats(int(g.n_components), tokens * ch, mesh)
-    gb = -(-n // parallel.batch_size_multiple(mesh)) * parallel.batch_size_multiple(mesh)
-    lat = np.zeros((gb, tokens, ch), np.float32)
-    lat[:n] = train["latent"]
-    lab = np.zeros(gb, np.int32)
-    lab[:n] = labels
-    valid = np.arange(gb) < n
-    b = parallel.host_to_global({"x": lat, "l": lab, "v": valid}, mesh)
-    st = spatial.accumulate(st, b["x"], b["l"], b["v"], mesh=mesh, height=digits.HEIGHT, width=digits.WIDTH,
-                            flip=False)
-    means, var, counts = spatial.finalize(st, int(g.n_components), tokens, ch)
-    src = ModeSource(gmm=gmm, means=np.asarray(means), variances=np.asarray(var))
-    return src, dict(em_iterations=int(info["n_iter"]), em_converged=bool(info["converged"]),
-                     em_lower_bound=float(info["lower_bound"]), empty_modes=int((np.asarray(counts) == 0).sum()),
-                     mode_variance_mean=float(np.mean(var)))
-
-
-def _setting_config(cfg, name: str) -> ml_collections.ConfigDict:
-    kind, cond = SETTINGS[name]
-    c = ml_collections.ConfigDict(cfg.to_dict())
-    c.source.kind = kind
-    c.source.y_from = "mode" if cond else "none"
-    c.model.use_y_conditioning = cond
-    c.adaptive.enabled = bool(cfg.adaptive.enabled) and kind != "gaussian"
-    return c
-
-
-def draw_source(base: jax.Array, kind: str, source: ModeSource | None, indices: jax.Array):
-    """Sampling-time source draw for sample ``i`` keyed by ``fold_in(base, i)`` -> (z0 [B, 64, 1], k [B])."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-    if kind == "gaussian":
-        return sample_source("gaussian", None, None, keys, (indices.shape[0], 64, 1))
-    return sample_prior(source, keys)
 
 
 def make_sampler(cfg, mesh, mdef_graph, mcfg, src: ModeSource | None, kind: str):
@@ -136,21 +85,6 @@ def make_sampler(cfg, mesh, mdef_graph, mcfg, src: ModeSource | None, kind: str)
         return euler_sample(lambda x, t: model(x, t, y), z0, grid)
 
     return sample
-
-
-def build_trainer(c: ml_collections.ConfigDict, mesh, name: str, train: dict, src: ModeSource | None):
-    """The real train step for one setting's config ``c``: ``(state, step_fn, step_config, mdef, model_config,
-    placed source or None, data iterator)``."""
-    mcfg = model_config(c)
-    ds = latents_lib.InMemoryLatents(train)
-    scfg = step_config(c, ds.latent_shape, src.n_modes if src is not None else mcfg.num_modes)
-    tx, lr_fn, ema_fn = optimizer_from_config(c.train)
-    state, shardings, mdef = create_train_state(lambda r: DiTDH(mcfg, r), tx, mesh, int(c.seed),
-                                                scfg.adaptive.num_modes)
-    step_fn = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings)
-    source = shard_source(src, mesh) if (src is not None and SETTINGS[name][0] != "gaussian") else None
-    it = latents_lib.make_iterator(ds, int(c.train.global_batch_size), seed=int(c.seed), num_threads=1, prefetch=2)
-    return state, step_fn, scfg, mdef, mcfg, source, it
 
 
 def save_model(ctx, c: ml_collections.ConfigDict, name: str, state, step: int, source_dir: str | None) -> str:
@@ -172,10 +106,11 @@ def save_model(ctx, c: ml_collections.ConfigDict, name: str, state, step: int, s
 
 def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, ref_stats,
                 source_dir: str | None = None) -> dict[str, Any]:
-    c = _setting_config(cfg, name)
+    c = setting_config(cfg, name)
     mesh = ctx.mesh
-    state, step_fn, scfg, mdef, mcfg, source, it = build_trainer(c, mesh, name, train, src)
-    sampler = make_sampler(c, mesh, mdef, mcfg, source, SETTINGS[name][0])
+    trainer, state, it = make_trainer(c, mesh, train, src)
+    source = trainer.source
+    sampler = make_sampler(c, mesh, trainer.model_def, trainer.model_config, source, SETTINGS[name][0])
     n_eval = int(cfg.eval_samples)
     n_pad = -(-n_eval // parallel.batch_size_multiple(mesh)) * parallel.batch_size_multiple(mesh)
     idx = parallel.host_to_global(np.arange(n_pad, dtype=np.int32), mesh)
@@ -185,7 +120,7 @@ def run_setting(cfg, ctx, name: str, train: dict, src: ModeSource | None, clf, r
     writer = MetricWriter(ctx.path("tb", name))  # one TensorBoard run per setting: the curves overlay
     bar = progress(total=int(c.train.num_steps), desc=name)
     for step in range(1, int(c.train.num_steps) + 1):
-        state, m = step_fn(state, put_batch(next(it), mesh, scfg), source)
+        state, m = trainer.train_step(state, trainer.put_batch(next(it)))
         losses.append(m["loss"])
         bar.update(1)
         if step % int(cfg.eval_every) == 0 or step == int(c.train.num_steps) or step in extra:
@@ -213,40 +148,9 @@ def steps_to_reach(curve: list[dict], target: float) -> int | None:
     return None
 
 
-def prepare(cfg) -> dict[str, Any]:
-    """The digits split, the scoring classifier (trained on the training split), its test accuracy, the reference
-    feature statistics and class frequencies, and the FD floor (held-out split vs training split)."""
-    data = digits.load_digits_split(float(cfg.test_fraction), int(cfg.seed))
-    train = data["train"]
-    clf = clf_lib.train_classifier(train["cls"], train["label"], 10, steps=int(cfg.classifier_steps),
-                                   seed=int(cfg.seed))
-    _, test_pred = clf_lib.features_and_predictions(clf, data["test"]["cls"])
-    clf_acc = float(np.mean(test_pred == data["test"]["label"]))
-    ref_feats, _ = clf_lib.features_and_predictions(clf, train["cls"])
-    freq = np.bincount(train["label"], minlength=10) / len(train["label"])
-    ref_stats = {"fd": feature_stats(ref_feats), "freq": freq}
-    test_feats, _ = clf_lib.features_and_predictions(clf, data["test"]["cls"])
-    fd_floor = float(frechet_distance(*feature_stats(test_feats), *ref_stats["fd"]))
-    tv_floor = clf_lib.mode_coverage(test_pred, 10, freq)["tv"]
-    log.info("demo: classifier test accuracy %.3f; held-out split vs training split: FD %.3f, class-histogram TV "
-             "%.3f (the floors)", clf_acc, fd_floor, tv_floor)
-    return dict(train=train, clf=clf, clf_acc=clf_acc, ref_stats=ref_stats, fd_floor=fd_floor, tv_floor=tv_floor)
-
-
-def score(clf, ref_stats, x: np.ndarray) -> dict[str, float]:
-    """FD (classifier features, against the training split) and class coverage of samples x [n, 64, 1]."""
-    n = x.shape[0]
-    feats, pred = clf_lib.features_and_predictions(clf, np.clip(x.reshape(n, -1), -1.5, 1.5))
-    cov = clf_lib.mode_coverage(pred, 10, ref_stats["freq"])
-    return dict(fd=float(frechet_distance(*feature_stats(feats), *ref_stats["fd"])), covered=cov["covered"],
-                tv=cov["tv"])
-
-
 def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
-    if cfg.mode == "gm_steps":  # GMFlow vs Euler, FD vs number of steps (jobs/demo_gm.py)
-        from mmfm_jax.jobs.demo_gm import run_gm_steps
-
-        return run_gm_steps(cfg, ctx)
+    if cfg.mode == "gm_steps":  # GMFlow vs Euler, FD vs number of steps (gm.py)
+        return gm.run_gm_steps(cfg, ctx)
     t0 = time.time()
     prep = prepare(cfg)
     train, clf, clf_acc, ref_stats, fd_floor = (prep[k] for k in ("train", "clf", "clf_acc", "ref_stats", "fd_floor"))

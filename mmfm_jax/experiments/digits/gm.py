@@ -1,8 +1,9 @@
 """The digits demo's ``gm_steps`` mode: FD vs number of steps, Euler on a velocity DiTDH against GMFlow's GM-ODE /
 GM-SDE on a GM DiTDH (``model.head='gm'``) trained for the same budget, Gaussian and GMM sources.
 
-Four tiny DiTDHs are trained with the real train step (``train/step.py``: in-step coupling, EMA, AdamW, clipping),
-``train.num_steps`` steps each, same batch, time sampler, optimizer and seed: {velocity, GM head} x {``gaussian``
+Four tiny DiTDHs are trained with the train job's program (``train.trainer.Trainer``: in-step coupling, EMA, AdamW,
+clipping), ``train.num_steps`` steps each, same batch, time sampler, optimizer and seed: {velocity, GM head} x
+{``gaussian``
 (Gaussian source, unconditional model), ``gmm_mode_cond`` (GMM source + mode coupling, the model sees the mode, so
 every GMFlow closed form exists with the mode's Gaussian as the source)}. The velocity models train on the
 flow-matching MSE, the GM models on the transition NLL (``train.gm_trans_ratio``). Then, from the EMA parameters,
@@ -27,13 +28,22 @@ import numpy as np
 from mmfm_jax import parallel
 from mmfm_jax.config_utils import check, check_positive
 from mmfm_jax.data import digits
+from mmfm_jax.experiments.digits.common import (
+    SETTINGS,
+    draw_source,
+    fit_source,
+    make_trainer,
+    prepare,
+    score,
+    setting_config,
+)
+from mmfm_jax.experiments.digits.report import titled_grids
+from mmfm_jax.experiments.gm_report import METHODS, gm_beats_euler, steps_table
 from mmfm_jax.flow import gmflow
 from mmfm_jax.flow.samplers import euler_grid, euler_sample
-from mmfm_jax.jobs.demo import SETTINGS, _setting_config, build_trainer, draw_source, fit_source, prepare, score
-from mmfm_jax.jobs.gm_report import METHODS, gm_beats_euler, steps_table
-from mmfm_jax.jobs.train import validate_gm_train
 from mmfm_jax.storage import write_json_atomic
-from mmfm_jax.train.step import mode_gaussian, put_batch
+from mmfm_jax.train.config import validate_gm_train
+from mmfm_jax.train.step import mode_gaussian
 from mmfm_jax.utils import MetricWriter, progress
 
 log = logging.getLogger("mmfm_jax")
@@ -52,7 +62,7 @@ def validate_gm_steps(cfg: ml_collections.ConfigDict) -> None:
     check(cfg, "gm.substeps", lambda v: isinstance(v, int) and v >= 0, "must be an int >= 0 (0 = auto)")
     for name in cfg.settings:
         kind, cond = SETTINGS[name]
-        validate_gm_train(kind, "mode" if cond else "none", float(cfg.train.gm_trans_ratio))
+        validate_gm_train(cfg, kind, "mode" if cond else "none")
         if kind != "gaussian" and not cond:
             check(cfg, "gm.methods", lambda v: all(METHODS[m][1] == "euler" or (METHODS[m][1] == "ode" and
                                                                                METHODS[m][2] == 1) for m in v),
@@ -61,7 +71,7 @@ def validate_gm_steps(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _config(cfg, name: str, head: str) -> ml_collections.ConfigDict:
-    c = _setting_config(cfg, name)
+    c = setting_config(cfg, name)
     c.model.head = head
     c.model.gm_components = int(cfg.gm.components)
     c.model.gm_logstd_inner = int(cfg.gm.logstd_inner)
@@ -69,23 +79,23 @@ def _config(cfg, name: str, head: str) -> ml_collections.ConfigDict:
 
 
 def train_model(cfg, ctx, name: str, head: str, train: dict, src) -> dict[str, Any]:
-    """Train one model with the real train step; returns its EMA state, model def/config and the placed source."""
+    """Train one model with the train job's program; returns its EMA state, model def/config and the placed
+    source."""
     c = _config(cfg, name, head)
-    mesh = ctx.mesh
-    state, step_fn, scfg, mdef, mcfg, source, it = build_trainer(c, mesh, name, train, src)
+    trainer, state, it = make_trainer(c, ctx.mesh, train, src)
     t0 = time.time()
     losses = []
     writer = MetricWriter(ctx.path("tb", f"{name}_{head}"))  # one TensorBoard run per model: the curves overlay
     for step in progress(range(1, int(c.train.num_steps) + 1), desc=f"{name}/{head}"):
-        state, m = step_fn(state, put_batch(next(it), mesh, scfg), source)
+        state, m = trainer.train_step(state, trainer.put_batch(next(it)))
         losses.append(m["loss"])
         if step % 100 == 0:
             writer.scalars(step, {"gm_steps/loss": float(np.mean(jax.device_get(losses[-100:])))}, console=False)
     writer.close()
     it.close()
     final_loss = float(np.mean(jax.device_get(losses[-50:])))
-    return dict(ema=state.ema, buffers=state.buffers, mdef=mdef, mcfg=mcfg, source=source, seconds=time.time() - t0,
-                final_loss=final_loss)
+    return dict(ema=state.ema, buffers=state.buffers, mdef=trainer.model_def, mcfg=trainer.model_config,
+                source=trainer.source, seconds=time.time() - t0, final_loss=final_loss)
 
 
 def substeps_for(cfg, n_steps: int) -> int:
@@ -165,8 +175,6 @@ def run_gm_steps(cfg, ctx) -> dict[str, Any]:
         ctx.path("report.md").write_text(markdown(cfg, res))
         write_json_atomic(ctx.path("gm_steps.json"), {k: v for k, v in res.items() if k != "table"})
         if shown:
-            from mmfm_jax.jobs.demo_report import titled_grids
-
             panels = [("real digits (training split)", digits.image_grid(digits.to_images(train["latent"][:16]),
                                                                           cols=16))]
             panels += [(f"{SETTING_LABELS.get(k.split('/')[0], k)}: {k.split('/')[1]}, N = 4",
@@ -199,7 +207,7 @@ def markdown(cfg, res: dict) -> str:
         f"train step (GM head: K = {cfg.gm.components}, transition NLL with lambda = {cfg.train.gm_trans_ratio}); "
         f"{cfg.eval_samples} samples per cell from the EMA model, FD in the classifier's features against the "
         f"training split (classifier test accuracy {res['classifier_test_accuracy']:.3f}). N = model evaluations; "
-        "GM-ODE uses max(2, ceil(128 / N)) substeps. Design: mmfm_jax/jobs/demo_gm.py, docs/gmflow.md.", "",
+        "GM-ODE uses max(2, ceil(128 / N)) substeps. Design: mmfm_jax/experiments/digits/gm.py, docs/gmflow.md.", "",
         res["table"], "",
         f"Best GM solver below Euler at every N <= 8: {res['gm_beats_euler_le8']}. Training: {tr}; evaluation "
         f"{res['eval_seconds']:.0f}s.", "", "![samples at N = 4](samples_gm_steps.png)", ""])
