@@ -146,8 +146,8 @@ def _gemm_loop(mesh, spec, local_len: int, chunk: int, prec):
 
     def local(xl, w):
         def body(acc, i):
-            xc = lax.dynamic_slice_in_dim(xl, jnp.minimum(i * chunk, local_len - chunk), chunk, 0)
-            xc = xc.astype(jnp.float32)
+            rows = jnp.minimum(i * chunk, local_len - chunk) + jnp.arange(chunk)
+            xc = xl.at[rows].get(mode="promise_in_bounds").astype(jnp.float32)  # sliced as EM slices
             return acc + jnp.sum(gp.e_step_gemm(jnp.concatenate([xc * xc, xc], axis=1), w, prec)), None
 
         return lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(-(-local_len // chunk)))[0][None]
