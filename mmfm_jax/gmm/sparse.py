@@ -14,8 +14,9 @@ re-centred algebraically (:func:`mmfm_jax.gmm.mstep.centre`); their rounding sca
 posterior over 8192 components is nearly one-hot once EM settles, so the dense GEMM (half of an iteration's 8 N D K
 FLOP) mostly multiplies zeros. The mass a row leaves out is summed directly from the entries not kept (no
 ``1 - kept`` cancellation). A row that would leave out more than ``tol`` gets the rest of its responsibilities by
-a small dense GEMM over such rows only (up to ``C // 16`` of them per chunk; a chunk with more takes the GEMM over
-all rows, in blocks of ``C // 16`` rows; ``lax.switch``). So every row's statistics are either exact or miss at
+a small dense GEMM over such rows only (up to ``C // 16`` of them per chunk, in blocks of ``C // 64`` rows, as
+many blocks as there are such rows; a chunk with more takes the GEMM over all rows, in blocks of ``C // 16`` rows;
+``lax.switch``). So every row's statistics are either exact or miss at
 most ``tol`` of its unit mass: early, fuzzy iterations run dense, settled ones sparse, with no state to carry.
 """
 
@@ -139,19 +140,29 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, x: jax.Array, m: int, tol: 
     fuzzy = left > tol
     n_fuzzy = jnp.sum(fuzzy.astype(jnp.int32))
     cap = max(1, c // 16)
+    sub = max(1, cap // 4)
 
     def sparse_only(ops_):
         return nk, s, jnp.max(left), zero_i, zero_i
 
-    def completed(ops_):  # add the left-out entries of the (at most cap) fuzzy rows: those rows become exact
-        rows = jnp.nonzero(fuzzy, size=cap, fill_value=c)[0]
-
-        def take(v, fill):
-            return jnp.take(v, rows, axis=0, mode="fill", fill_value=fill)
-
+    def completed(ops_):  # add the left-out entries of the (at most cap) fuzzy rows: those rows become exact,
+        # in blocks of `sub` rows, as many as there are fuzzy rows (a settled chunk has a few)
+        n_sub = -(-cap // sub)
+        rows = jnp.nonzero(fuzzy, size=n_sub * sub, fill_value=c)[0]
         logits_, mx_, inv_, idx_, x_ = ops_
-        sub = (take(logits_, -jnp.inf), take(mx_, 0.0), take(inv_, 0.0), [take(i, 0) for i in idx_], take(x_, 0.0))
-        return *add_rest(sub), jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy
+
+        def block(j, acc):
+            rows_j = lax.dynamic_slice_in_dim(rows, j * sub, sub, 0)
+
+            def take(v, fill):
+                return jnp.take(v, rows_j, axis=0, mode="fill", fill_value=fill)
+
+            part = (take(logits_, -jnp.inf), take(mx_, 0.0), take(inv_, 0.0), [take(i, 0) for i in idx_],
+                    take(x_, 0.0))
+            return add_rest(part, *acc)
+
+        nk_f, s_f = lax.fori_loop(0, (n_fuzzy + sub - 1) // sub, block, (nk, s))
+        return nk_f, s_f, jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy
 
     def full_dense(ops_):  # block by block: a [C, K] GEMM inside a branch costs XLA:CPU ~2x a sparse chunk even
         # when the branch is not taken; blocks of `cap` rows, as `completed`, do not
