@@ -214,7 +214,7 @@ _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _LAYOUT = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\](\{[^}]*\})?")
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # a layout's memory space other than 0 (HBM): on-chip memory on TPU
 _IN_PLACE = ("dynamic-update-slice", "scatter")  # operand 0 is the buffer updated in place
-_SLICING = ("dynamic-slice", "gather")  # operand 0 is read only where the slice lies
+_SLICING = ("dynamic-slice", "slice", "gather")  # operand 0 is read only where the slice lies
 _FREE_CALLS = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound"}  # TPU bookkeeping, no traffic
 
 
@@ -269,10 +269,10 @@ class Module:
     def kernel_bytes(self, ins: tuple) -> int:
         """HBM bytes a program-level instruction (a kernel) reads and writes. Values the TPU compiler placed in
         on-chip memory (layout memory space ``S(n)``, n >= 1) cost nothing; of a stacked operand only the slices
-        read are charged (``dynamic-slice`` / ``gather`` of it, in the fusion or a nested one), of a buffer updated in
-        place (``dynamic-update-slice`` / ``scatter`` into it) only the update written: what the kernels of a
-        scanned-layer loop move per pass, not the whole stacked parameters. An asynchronous pair is charged once,
-        at its ``-done``: the result read from its source and written to its destination."""
+        read are charged (``slice`` / ``dynamic-slice`` / ``gather`` of it, in the fusion or a nested one), of a
+        buffer updated in place (``dynamic-update-slice`` / ``scatter`` into it) only the update written: what the
+        kernels of a scanned-layer loop move per pass, not the whole stacked parameters. An asynchronous pair is
+        charged once, at its ``-done``: the result read from its source and written to its destination."""
         _, typ, op, operands, attrs = ins
         callee = _CALLEE.search(attrs) if op == "fusion" else None
         if callee and callee.group(1) in self.comps:
