@@ -4,6 +4,7 @@ Entry points: ``mmfm_jax.api.Pipeline`` (load a training run or the official rel
 the ``mmfm-jax`` command (``cli``; jobs in ``jobs``, studies in ``experiments``). Library packages, lowest first:
 ``ops``; ``models``, ``gmm``, ``flow``; ``data``, ``convert``, ``eval``; ``train``; then ``jobs``, ``experiments``,
 ``bench``, ``plan``, ``release``. Shared modules: ``parallel`` (meshes, logical axis rules, multi-host),
-``config_utils`` / ``config_files`` (validation naming the key, ``--config`` specs), ``utils`` (storage on local
-paths or gs://, metric writer), ``workdir`` (run locks, stage fingerprints), ``launch`` (pods, SLURM, local).
+``config_utils`` / ``config_files`` (validation naming the key, ``--config`` specs), ``storage`` (files on local
+paths or gs://, atomic writes), ``utils`` (logging, progress, metric writer), ``torch_io`` (the safe ``.pt``
+reader), ``workdir`` (run locks, stage fingerprints), ``launch`` (pods, SLURM, local).
 """
