@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU measurements issues #3 and #4 still owe, as one script for the next session that has an H100.
+# GPU measurements that docs/benchmarks.md does not have yet, as one script for an H100/H200 machine.
 #   launch/gpu_pending.sh train   # about 9 min: XL mode-conditional bf16 train step (+ a profile by kernel kind),
 #                                 # the memory-saving options, batch 128-256
 #   launch/gpu_pending.sh gmm     # about 9.5 min: full-scale EM, sparse M-step / bf16x3_fused / TF32 vs fp32,
 #                                 # chunks, E-step / M-step seconds, the float64 path
-# Each part fits one 10-minute call; every line it prints is a figure to record in the README.
+# Each part fits one 10-minute call; every line it prints is a figure to record in docs/benchmarks.md.
 # Needs the package importable (pip install -e . or PYTHONPATH=$PWD); writes only stdout and a profile in /tmp.
 set -u
 part=${1:-}
