@@ -15,9 +15,11 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -377,6 +379,38 @@ def state_shardings(mesh: Mesh, abstract_state: Any, rules: Any = None) -> Any:
         return NamedSharding(mesh, fit_spec_to_shape(spec, shape, mesh))
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# (mesh, rules) of the activation_sharding context being traced, or None (constrain is then a no-op)
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, dict[str, Any]] | None] = contextvars.ContextVar(
+    "mmfm_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Any = None) -> Iterator[None]:
+    """Make :func:`constrain` pin activations to ``mesh`` with ``rules`` (default ``DEFAULT_RULES``) while the
+    body runs. Enter it inside the jitted function, around the model call, so it is active while jax traces it."""
+    token = _ACTIVATIONS.set((mesh, rules if isinstance(rules, dict) else _rules_dict(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """``x`` with a sharding constraint from logical axis names, e.g. ``constrain(h, ("batch", None, None))``.
+
+    Inside :func:`activation_sharding` only; elsewhere (a model run on its own, parity tests) it returns ``x``
+    unchanged. Without it, XLA's propagation may follow the FSDP-sharded weights instead of the batch-sharded
+    inputs (every chip then computes all the examples of a micro-batch). Constraints change placement, not values.
+    Mesh axes that do not divide a dimension are dropped (that dimension is replicated).
+    """
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = fit_spec_to_shape(logical_to_mesh_spec(logical, rules, mesh), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

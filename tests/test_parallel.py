@@ -41,6 +41,24 @@ def test_logical_rules():
     assert parallel.fit_spec_to_shape(P("fsdp", None), (6, 3), m) == P("fsdp", None)
 
 
+def test_constrain_activations_only_inside_the_context():
+    """``constrain`` is a no-op outside ``activation_sharding``; inside, the traced value is split on the batch
+    (full FSDP: all 8 devices) whatever the input's placement, and a dimension the mesh does not divide stays whole."""
+    x = jnp.arange(16 * 3, dtype=jnp.float32).reshape(16, 3)
+    assert parallel.constrain(x, ("batch", None)) is x
+    m = parallel.make_mesh({"data": 1, "fsdp": 8})
+    xr = jax.device_put(x, parallel.replicated(m))
+
+    def f(a):
+        with parallel.activation_sharding(m):
+            return parallel.constrain(a * 2, ("batch", None)), parallel.constrain(a[:6] + 1, ("batch", None))
+
+    y, z = jax.jit(f)(xr)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+    assert y.addressable_shards[0].data.shape == (2, 3) and z.addressable_shards[0].data.shape == (6, 3)
+    assert parallel._ACTIVATIONS.get() is None
+
+
 def test_state_shardings_from_nnx_metadata():
     from flax import nnx
 

@@ -183,6 +183,17 @@ def test_plan_train_tiny_and_search(tmp_path):
     assert sb["largest_per_chip_batch"] == 4 and sb["report"]["info"]["global_batch"] == 4 * 4 * 2
 
 
+def test_plan_train_full_fsdp_splits_the_batch(tmp_path):
+    """Full FSDP (fsdp 4, data 1): every chip computes a quarter of the examples (activations batch-sharded,
+    weights gathered), so its FLOPs are ~1/4 of the model's and attention runs on [micro / 4, heads, L, L]."""
+    cfg = load_config(str(REPO / "configs/train.py:tiny"), {"mesh.fsdp": 4, "mesh.data": 1})
+    (r,) = plan(cfg, "v5e-4", tmp_path, log=QUIET)["programs"]
+    assert r["per_chip_batch"] == 2 and r["info"]["global_batch"] == 16
+    assert 0.9 < r["flops_per_step"] / (r["info"]["model_flops_per_step"] / 4) < 1.2
+    hlo = (tmp_path / "train_step.hlo.txt").read_text()
+    assert "f32[2,2,16,16]" in hlo and "f32[8,2,16,16]" not in hlo  # per-chip q k^T: 2 of 8 images, 2 heads
+
+
 def test_plan_mesh_errors_name_both_sizes():
     cfg = load_config(str(REPO / "configs/train.py:tiny"), {"mesh.fsdp": 3})
     with pytest.raises(ConfigError, match=r"v5e-4 \(4 chips\).*3"):

@@ -51,6 +51,7 @@ from mmfm_jax.models.layers import (
     zeros,
 )
 from mmfm_jax.ops.gm import GM
+from mmfm_jax.parallel import constrain
 from mmfm_jax.utils import dtype_from_name
 
 
@@ -179,6 +180,8 @@ class DiTDHConfig:
 
 
 HEADS = ("velocity", "gm")
+# activations [B, L, D] split on the batch (parallel.constrain; a no-op outside parallel.activation_sharding)
+TOKENS = ("batch", None, None)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -201,13 +204,14 @@ class DDTBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, c: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
         """x: ``[B, L, D]`` (fp32 residual); c: ``[B, D]`` or per-token ``[B, L, D]``."""
+        x = constrain(x, TOKENS)
         m = self.adaLN(jax.nn.silu(c))
         if m.ndim == 2:
             m = m[:, None, :]
-        sh1, sc1, g1, sh2, sc2, g2 = jnp.split(m, 6, axis=-1)
-        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
-        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
-        return x
+        sh1, sc1, g1, sh2, sc2, g2 = jnp.split(constrain(m, TOKENS), 6, axis=-1)
+        x = x + g1 * constrain(self.attn(modulate(self.norm1(x), sh1, sc1), rope), TOKENS)
+        x = x + g2 * constrain(self.mlp(modulate(self.norm2(x), sh2, sc2)), TOKENS)
+        return constrain(x, TOKENS)
 
 
 class FinalLayer(nnx.Module):
@@ -322,13 +326,13 @@ class DiTDH(nnx.Module):
             cond = t_emb + jnp.take(self.y_embedder[...], y.astype(jnp.int32), axis=0)
         else:
             cond = t_emb
-        c = jax.nn.silu(cond)
+        c = constrain(jax.nn.silu(cond), TOKENS[:2])
 
         rdt = dtype_from_name(cfg.residual_dtype)
         s = self.s_embedder(x).astype(jnp.float32)
         if self.pos_embed is not None:
             s = s + self.pos_embed[...][None]
-        s = s.astype(rdt)
+        s = constrain(s.astype(rdt), TOKENS)
         cos, sin = self._rope(ds // cfg.num_heads[0])
         fn = maybe_remat(_block_fn, cfg.remat)
         if cfg.scan_layers:
@@ -342,11 +346,12 @@ class DiTDH(nnx.Module):
         if cfg.residual_dtype != "float32":
             s = s.astype(rdt)
 
-        h = self.x_embedder(x).astype(rdt)
+        s = constrain(s, TOKENS)
+        h = constrain(self.x_embedder(x).astype(rdt), TOKENS)
         cos, sin = self._rope(dh // cfg.num_heads[1])
         for blk in self.head_blocks:
             h = fn(blk, h, s, cos, sin)
-        out = self._unpatchify(self.final_layer(h, s).astype(jnp.float32))
+        out = self._unpatchify(constrain(self.final_layer(h, s).astype(jnp.float32), TOKENS))
         if self.gm_head is not None:
             return self.gm_head.split(out, cond)  # the log-std MLP applies SiLU to stop_gradient(cond) itself
         return out

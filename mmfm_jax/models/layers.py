@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmfm_jax.parallel import constrain
+
 Names = tuple[str | None, ...]
 
 
@@ -292,6 +294,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "xla") -> ja
     return jnp.matmul(p, vh, preferred_element_type=jnp.float32).astype(dt).transpose(0, 2, 1, 3)
 
 
+QKV_AXES = ("batch", None, "heads", None)  # q, k, v, attention output [B, L, H, hd]
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection (rows ``[q | k | v]``, heads contiguous), optional
     RoPE on q and k, ``softmax(q k^T / sqrt(hd)) v`` (logits and softmax in fp32), and an output projection."""
@@ -309,10 +314,10 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = (constrain(qkv[:, :, i], QKV_AXES) for i in range(3))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attention(q, k, v, attention_impl(self.impl, self.dtype, self.head_dim))
+        o = constrain(attention(q, k, v, attention_impl(self.impl, self.dtype, self.head_dim)), QKV_AXES)
         return self.proj(o.reshape(b, n, self.dim))
 
 

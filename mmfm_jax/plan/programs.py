@@ -147,7 +147,7 @@ def train_builder(cfg: ml_collections.ConfigDict, mesh) -> tuple[Callable[[int],
     copts = parse_compiler_options(t.compiler_options, backend="tpu")
     target, shardings, mdef = abstract_train_state(lambda r: DiTDH(mcfg, r), tx, mesh, int(cfg.seed),
                                                    scfg.adaptive.num_modes, rules)
-    step = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings, copts)
+    step = make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings, copts, rules)
     fields = {"latent": (event, jnp.float32), "cls": ((cls_dim,), jnp.float32), "label": ((), jnp.int32)}
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(target.params))
     fwd = ditdh_flops_per_example(mcfg)

@@ -128,13 +128,15 @@ def check_batch_geometry(global_batch: int, grad_accum_steps: int, mesh: Mesh) -
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
                     ema_fn: Callable[[jax.Array], jax.Array], cfg: StepConfig, mesh: Mesh,
-                    shardings: TrainState, compiler_options: dict[str, Any] | None = None
+                    shardings: TrainState, compiler_options: dict[str, Any] | None = None, rules: Any = None
                     ) -> Callable[[TrainState, dict, Any], tuple[TrainState, dict]]:
     """``step(state, batch, source) -> (state, metrics)``, jitted with the state donated.
 
     ``batch``: global arrays split on the batch: ``latent`` [G, L, C] (any float dtype), plus ``cls`` [G, D] fp32
     for ``gmm_mode`` and ``label`` [G] int32 when the model or the weighting uses labels. ``source``: a
     ``ModeSource`` (placed with ``shard_source``) or None for ``gaussian``. Metrics are replicated fp32 scalars.
+    The model's activations are split on the batch axes (``parallel.activation_sharding`` with ``rules``, default
+    ``parallel.DEFAULT_RULES``), also under full FSDP, where the weights are all-gathered per layer.
     """
     A = int(cfg.grad_accum_steps)
     psh = shardings.params
@@ -178,7 +180,8 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, lr_fn: opt
             xt = interpolate(x1, z0, t)
 
             def loss_fn(p):
-                out = mdef.merge(p, state.buffers)(xt, t, y)
+                with parallel.activation_sharding(mesh, rules):
+                    out = mdef.merge(p, state.buffers)(xt, t, y)
                 if gm:
                     per, stat = gm_loss_terms(out, x1, z0, t, noise, cfg, src)
                 else:

@@ -78,7 +78,7 @@ def _program(mcfg: DiTDHConfig, scfg: StepConfig, optim: tuple, mesh: Mesh, rule
     init, shardings, mdef = state_initializer(lambda r: DiTDH(mcfg, r), tx, mesh, seed, scfg.adaptive.num_modes,
                                               dict(rules), options)
     return _Program(tx, lr_fn, ema_fn, init, shardings, mdef,
-                    make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings, options))
+                    make_train_step(mdef, tx, lr_fn, ema_fn, scfg, mesh, shardings, options, dict(rules)))
 
 
 class Trainer:
