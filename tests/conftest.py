@@ -31,3 +31,19 @@ def fixtures_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def repo_dir() -> pathlib.Path:
     return REPO
+
+
+_JAX_CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches")
+
+
+@pytest.fixture
+def restore_jax_cache_settings():
+    """jax's persistent compilation-cache settings restored after a test that turns the cache on."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    saved = {k: getattr(jax.config, k) for k in _JAX_CACHE_KEYS}
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()

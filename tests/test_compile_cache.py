@@ -7,24 +7,9 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import pytest
 from etils import epath
 
 from mmfm_jax import parallel
-
-_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-         "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches")
-
-
-@pytest.fixture
-def restore_jax_cache_settings():
-    from jax.experimental.compilation_cache import compilation_cache
-
-    saved = {k: getattr(jax.config, k) for k in _KEYS}
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 def test_gs_compile_cache_is_written_and_read(gcs_dir, restore_jax_cache_settings, tmp_path, monkeypatch):

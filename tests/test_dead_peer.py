@@ -14,25 +14,10 @@ import threading
 import time
 
 import jax
-import pytest
 from mp_launch import REPO, worker_env
 
 from mmfm_jax.cli import CONFIG_DIR, run_job
 from mmfm_jax.config_files import load_config
-
-_CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches")
-
-
-@pytest.fixture
-def restore_jax_cache_settings():
-    from jax.experimental.compilation_cache import compilation_cache
-
-    saved = {k: getattr(jax.config, k) for k in _CACHE_KEYS}
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 def test_dead_peer_ends_the_survivor_and_the_run_resumes(tmp_path, restore_jax_cache_settings):

@@ -8,6 +8,7 @@ which instructions are collectives or matmuls, and the bytes each kernel reads a
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections import defaultdict
 
@@ -24,14 +25,15 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
+def _elements(dims: str) -> int:
+    """Element count of an HLO shape's dimension list, e.g. ``'8,256,768'`` (``''``: a scalar)."""
+    return math.prod(int(d) for d in dims.split(",") if d)
+
+
 def shape_bytes(text: str) -> int:
     total = 0
     for dt, dims in _SHAPE.findall(text):
-        n = 1
-        for d in dims.split(","):
-            if d:
-                n *= int(d)
-        total += n * DTYPE_BYTES[dt]
+        total += _elements(dims) * DTYPE_BYTES[dt]
     return total
 
 
@@ -224,11 +226,7 @@ def hbm_bytes(text: str) -> int:
     for dt, dims, layout in _LAYOUT.findall(text):
         if layout and _ON_CHIP.search(layout):
             continue
-        n = 1
-        for d in dims.split(","):
-            if d:
-                n *= int(d)
-        total += n * DTYPE_BYTES[dt]
+        total += _elements(dims) * DTYPE_BYTES[dt]
     return total
 
 
