@@ -5,6 +5,7 @@ mapping (separate q/k/v fused into our rows ``[q | k | v]``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -101,6 +102,18 @@ def read_hf_dir(path_or_repo_id: str | os.PathLike, local_files_only: bool, who:
     except ValueError as e:
         raise CheckpointError(f"{who}: bad {cfg_path}: {e}") from e
     return cfg, read_safetensors_dir(d)
+
+
+def encoder_config(config_cls: Any, hf_cfg: dict[str, Any], config: Any, dtype: str | None, who: str,
+                   source: Any) -> Any:
+    """The model config of a hub encoder: ``config`` if given, else ``config_cls.from_hf(hf_cfg)`` (a bad
+    ``config.json`` is a ``CheckpointError`` naming ``source``); ``dtype`` (if given) sets its matmul dtype."""
+    if config is None:
+        try:
+            config = config_cls.from_hf(hf_cfg)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{who}: bad config.json in {source}: {e}") from e
+    return config if dtype is None else dataclasses.replace(config, dtype=dtype)
 
 
 def layer_norm(tr: KeyTracker, prefix: str, dim: int) -> dict[str, np.ndarray]:

@@ -10,15 +10,14 @@ prefix) loads too. Any other key is an error naming it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
-from mmfm_jax.convert.common import CheckpointError, KeyTracker
-from mmfm_jax.convert.hf_vit import build_module, layer_norm, patch_embed, read_hf_dir, vit_block
+from mmfm_jax.convert.common import KeyTracker
+from mmfm_jax.convert.hf_vit import build_module, encoder_config, layer_norm, patch_embed, read_hf_dir, vit_block
 from mmfm_jax.models.mae import MAEConfig, ViTMAEEncoder
 
 IGNORED_PREFIXES = ("decoder.",)
@@ -63,11 +62,5 @@ def load_mae(path_or_repo_id: str | os.PathLike, config: MAEConfig | None = None
     unless ``local_files_only=False``). ``config`` overrides ``config.json``; ``dtype`` sets the matmul dtype."""
     who = "load_mae"
     hf_cfg, sd = read_hf_dir(path_or_repo_id, local_files_only, who)
-    if config is None:
-        try:
-            config = MAEConfig.from_hf(hf_cfg)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{who}: bad config.json in {path_or_repo_id}: {e}") from e
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
+    config = encoder_config(MAEConfig, hf_cfg, config, dtype, who, path_or_repo_id)
     return build_mae(params_from_state_dict(sd, config, name=str(path_or_repo_id)), config)

@@ -10,7 +10,6 @@ ignored by rule (the image encoder has no use for them). Any other key is an err
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm_jax.convert.common import CheckpointError, KeyTracker, linear
-from mmfm_jax.convert.hf_vit import build_module, layer_norm, patch_embed, read_hf_dir, vit_block
+from mmfm_jax.convert.hf_vit import build_module, encoder_config, layer_norm, patch_embed, read_hf_dir, vit_block
 from mmfm_jax.models.siglip import SiglipVision, SiglipVisionConfig
 
 IGNORED_PREFIXES = ("text_model.",)
@@ -78,11 +77,5 @@ def load_siglip(path_or_repo_id: str | os.PathLike, config: SiglipVisionConfig |
     matmul dtype."""
     who = "load_siglip"
     hf_cfg, sd = read_hf_dir(path_or_repo_id, local_files_only, who)
-    if config is None:
-        try:
-            config = SiglipVisionConfig.from_hf(hf_cfg)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{who}: bad config.json in {path_or_repo_id}: {e}") from e
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
+    config = encoder_config(SiglipVisionConfig, hf_cfg, config, dtype, who, path_or_repo_id)
     return build_siglip(params_from_state_dict(sd, config, name=str(path_or_repo_id)), config)
