@@ -37,8 +37,9 @@ def test_top_m_stats_equal_the_masked_dense_sums(m):
         sparse.top_m_stats(r, a, 7)
 
 
-def test_chunk_stats_complete_fuzzy_rows_or_fall_back_to_the_dense_gemm():
-    """No fuzzy row: top-m only; up to C/16 fuzzy rows: those rows completed by a small GEMM (exact); more: dense."""
+def test_chunk_stats_record_fuzzy_rows_for_completion_or_fall_back_to_the_dense_gemm():
+    """No fuzzy row: top-m only; up to C/16 fuzzy rows: recorded, then completed by small GEMMs after the chunk
+    (exact); more: the chunk runs dense."""
     rng = np.random.default_rng(0)
     c, k = 64, 8
     a = rng.normal(size=(c, 6)).astype(np.float32)
@@ -46,22 +47,30 @@ def test_chunk_stats_complete_fuzzy_rows_or_fall_back_to_the_dense_gemm():
     def dense(r, x):
         return r.T @ x
 
-    fn = jax.jit(lambda r: sparse.chunk_stats(jnp.log(r), jnp.ones(c, bool), a, 2, 1e-6, dense)[1:])  # drop lse
+    def stats(r):
+        logits = jnp.log(r)
+        acc0, rec0 = sparse.zeros(k, 6, jnp.float32, centred=False), sparse.pending(sparse.capacity(1, c), 2,
+                                                                                   jnp.float32)
+        _, acc, rec, worst, n_dense, n_rec = sparse.chunk_stats(logits, jnp.ones(c, bool), a, 2, 1e-6, dense, acc0,
+                                                                rec=rec0, rows=jnp.arange(c))
+        done = sparse.complete(rec, acc, lambda rows: (logits[rows], jnp.asarray(a)[rows]), sparse.completion_rows(c),
+                               dense)
+        return sparse.finish(acc, None), sparse.finish(done, None), worst, n_dense, n_rec
+
+    fn = jax.jit(stats)
     hot = np.eye(k, dtype=np.float32)[rng.integers(0, k, c)]
     sharp = (0.999999999 * hot + 1e-10 * (1 - hot)).astype(np.float32)
     fuzzy = _resp(rng, c, k, sharp=0.5)  # the top 2 hold far less than 1 - 1e-6 of each row
     for n_fuzzy, want_dense in ((0, 0), (3, 0), (4, 0), (5, 1), (c, 1)):
         r = sharp.copy()
         r[:n_fuzzy] = fuzzy[:n_fuzzy]
-        nk, s, worst, n_dense, n_fixed = (np.asarray(v) for v in fn(r))
-        assert int(n_dense) == want_dense and int(n_fixed) == (n_fuzzy if 0 < n_fuzzy <= c // 16 else 0)
+        (nk0, s0), (nk, s), worst, n_dense, n_rec = jax.tree.map(np.asarray, fn(r))
+        assert int(n_dense) == want_dense and int(n_rec) == (n_fuzzy if 0 < n_fuzzy <= c // 16 else 0)
         assert 0 <= float(worst) <= 1e-6
         np.testing.assert_allclose(s, r.T @ a, atol=1e-5)  # exact up to the sharp rows' 6e-10 left out
         np.testing.assert_allclose(nk, r.sum(0), rtol=1e-6)
-    r = sharp.copy()
-    r[:3] = fuzzy[:3]
-    s_sparse = np.asarray(jax.jit(sparse.top_m_stats, static_argnums=2)(r, a, 2)[1])
-    assert np.abs(s_sparse - r.T @ a).max() > 1e-2  # the completion did matter
+        if n_fuzzy and not want_dense:  # the completion did matter
+            assert np.abs(s0 - r.T @ a).max() > 1e-2
 
 
 def test_sparse_fit_matches_the_dense_fit_on_8_devices():

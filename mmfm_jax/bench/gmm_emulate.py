@@ -69,7 +69,8 @@ def main(argv: list[str]) -> None:
     out = {}
     for name, (e, m) in (("fp32", ("f32", "f32")), (f"E={a.e} M={a.m}", (a.e, a.m))):
         ge, gm = emulated_gemm(e), emulated_gemm(m)
-        gemms = (lambda x_, w_, prec, ge=ge: ge(x_, w_, DIMS_NT), lambda r_, x_, prec, gm=gm: gm(r_, x_, DIMS_TN))
+        gemms = (lambda x_, w_, prec, ge=ge: ge(jnp.concatenate(x_, 1), jnp.concatenate(w_, 1), DIMS_NT),
+                 lambda r_, x_, prec, gm=gm: gm(r_, x_, DIMS_TN))
         g, info = em.fit(x, a.k, init=init, max_iter=a.iters, tol=0.0, gemms=gemms)
         out[name] = [h["lower_bound"] for h in info["history"]]
         v = np.asarray(g.variances)

@@ -78,16 +78,16 @@ def make_state(params: DiagGMM, iteration: int = 0, lower_bound: float = -np.inf
                    np.asarray(converged, bool))
 
 
-def _kahan(carry: tuple, new: Any) -> tuple:
+def _kahan(carry: tuple[jax.Array, jax.Array], new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Compensated ``sum + new`` of the scalar log-likelihood: ``(sum, compensation)``."""
     s, c = carry
-    y = jax.tree.map(jnp.subtract, new, c)
-    t = jax.tree.map(jnp.add, s, y)
-    c = jax.tree.map(lambda t_, s_, y_: (t_ - s_) - y_, t, s, y)
-    return t, c
+    y = new - c
+    t = s + y
+    return t, (t - s) - y
 
 
-Gemm = Callable[[jax.Array, jax.Array, Any], jax.Array]
-GEMMS: tuple[Gemm, Gemm] = (gp.e_step_gemm, gp.m_step_gemm)  # (E-step ``a . w^T``, M-step ``r^T . a``)
+Gemm = Callable[[Any, Any, Any], jax.Array]
+GEMMS: tuple[Gemm, Gemm] = (gp.e_step_gemm, gp.m_step_gemm)  # (E-step ``(x^2, x) . w^T``, M-step ``r^T . a``)
 
 
 @functools.lru_cache(maxsize=32)
@@ -97,8 +97,9 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
     """Jitted ``step(x, params, shift, reg_covar, nk_eps) -> (new_params, mean log-likelihood of params,
     (largest left-out mass of a row, [chunks that ran dense, rows completed densely]))``; ``m_top`` > 0: sparse
     M-step where each row leaves out at most ``m_tol`` (:mod:`mmfm_jax.gmm.sparse`).
-    ``precision``: ``(E-step GEMM, M-step GEMM)``; ``gemms``: the functions that compute them, ``(e_gemm(a [C, 2D],
-    w [K, 2D], precision) -> [C, K], m_gemm(r [C, K], a [C, 2D], precision) -> [K, 2D])`` (default
+    ``precision``: ``(E-step GEMM, M-step GEMM)``; ``gemms``: the functions that compute them, ``(e_gemm((x^2, x) [C, D]
+    each, w, precision) -> [C, K]`` with ``w = precision.prepare_e_weights((prec, -2 mu prec), precision)``,
+    ``m_gemm(r [C, K], a [C, 2D], precision) -> [K, 2D])`` (default
     :data:`GEMMS`; ``bench gmm_emulate`` passes emulated ones). ``exact_top``: recompute each row's likely winners
     directly, ``log w_k - 0.5 (D log 2 pi + sum log var_k + sum prec_k (x - mu_k)^2)``, before the softmax
     (:func:`mmfm_jax.gmm.precision.refine_top`). ``dtype``: of the data and all arithmetic. ``m_stats=False``: the
@@ -114,32 +115,43 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
         prec = 1.0 / variances
         base = jnp.log(weights) - 0.5 * (d * math.log(2 * math.pi) + jnp.sum(jnp.log(variances), -1))
         const = base - 0.5 * jnp.sum(mu * mu * prec, -1)
-        w = gp.prepare_e_weights(jnp.concatenate([prec, -2.0 * mu * prec], axis=1), e_prec)  # [K, 2D] (or split)
+        w = gp.prepare_e_weights((prec, -2.0 * mu * prec), e_prec)
+
+        def logits_of(rows):  # [R] local row indices -> (log-joint densities [R, K], shifted rows [R, D])
+            # rows by a gather, not a dynamic slice: XLA:CPU reloads a dynamic slice's offset per element in every
+            # fusion that reads it, which leaves the fused M-step update unvectorised (~6x slower)
+            xc = xl.at[rows].get(mode="promise_in_bounds").astype(dt) - shift
+            logits = const - 0.5 * e_gemm((xc * xc, xc), w, e_prec)
+            if exact_top:  # the expanded form's rounding grows with prec * x^2: recompute the likely winners
+                logits = gp.refine_top(logits, xc, mu, prec, base, e_prec)
+            return logits, xc
+
+        def dense(r_, a_):
+            return m_gemm(r_, a_, m_prec)
 
         def body(carry, i):
             start = jnp.minimum(i * chunk, local_len - chunk)
-            # the chunk's rows by a gather, not a dynamic slice: XLA:CPU reloads a dynamic slice's offset per element
-            # in every fusion that reads it, which leaves the fused M-step update unvectorised (~6x slower)
-            xc = xl.at[start + jnp.arange(chunk)].get(mode="promise_in_bounds").astype(dt) - shift
-            a = jnp.concatenate([xc * xc, xc], axis=1)  # [C, 2D]
-            logits = const - 0.5 * e_gemm(a, w, e_prec)
-            if exact_top:  # the expanded form's rounding grows with prec * x^2: recompute the likely winners
-                logits = gp.refine_top(logits, xc, mu, prec, base, e_prec)
             rows = start + jnp.arange(chunk)
+            logits, xc = logits_of(rows)
             valid = (rows >= i * chunk) & (dev * local_len + rows < n)
-            kahan, dmax, counts = carry
+            ll, acc, rec, dmax, counts = carry
             if not m_stats:
                 mx = jnp.max(logits, axis=1, keepdims=True)
                 lse = mx[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - mx), axis=1))
-                return (_kahan(kahan, (jnp.sum(jnp.where(valid, lse, 0.0)),)), dmax, counts), None
-            lse, nk_c, s_c, drop, n_dense, n_fixed = sparse.chunk_stats(
-                logits, valid, xc, m_top, m_tol, lambda r_, a_: m_gemm(r_, a_, m_prec), centres=mu)
-            new = (jnp.sum(jnp.where(valid, lse, 0.0)), nk_c, s_c)
-            return (_kahan(kahan, new), jnp.maximum(dmax, drop), counts + jnp.stack([n_dense, n_fixed])), None
+                return (_kahan(ll, jnp.sum(jnp.where(valid, lse, 0.0))), acc, rec, dmax, counts), None
+            lse, acc, rec, drop, n_dense, n_rec = sparse.chunk_stats(
+                logits, valid, xc, m_top, m_tol, dense, acc, centres=mu, rec=rec, rows=rows)
+            return (_kahan(ll, jnp.sum(jnp.where(valid, lse, 0.0))), acc, rec, jnp.maximum(dmax, drop),
+                    counts + jnp.stack([n_dense, n_rec])), None
 
-        zeros = (jnp.zeros((), dt),) + ((jnp.zeros((k,), dt), jnp.zeros((k, 2 * d), dt)) if m_stats else ())
-        init = ((zeros, zeros), jnp.zeros((), dt), jnp.zeros((2,), jnp.int32))
-        ((tot, _), dmax, counts), _ = lax.scan(body, init, jnp.arange(n_chunks))
+        acc = sparse.zeros(k, d, dt) if m_stats else None
+        rec = sparse.pending(sparse.capacity(n_chunks, chunk), max(1, m_top), dt) if m_stats and m_top else None
+        zero = jnp.zeros((), dt)
+        init = ((zero, zero), acc, rec, zero, jnp.zeros((2,), jnp.int32))
+        ((ll, _), acc, rec, dmax, counts), _ = lax.scan(body, init, jnp.arange(n_chunks))
+        if rec is not None:  # the recorded rows' left-out responsibilities, after the loop
+            acc = sparse.complete(rec, acc, logits_of, sparse.completion_rows(chunk), dense, centres=mu)
+        tot = (ll,) + (sparse.finish(acc, mu) if m_stats else ())
         return psum(tot, axes), (lax.pmax(dmax, axes) if axes else dmax, psum(counts, axes))
 
     xspec = PartitionSpec(axes_entry(axes), None)

@@ -75,22 +75,34 @@ def _dot_f32(a: jax.Array, b: jax.Array, dims: Any) -> jax.Array:
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def prepare_e_weights(w: jax.Array, precision: Any) -> jax.Array:
-    """The E-step's ``w [K, 2D]`` as the GEMM reads it: ``[w_hi, w_hi, w_lo]`` ([K, 6D] bf16) for
-    ``bf16x3_fused``, else ``w`` unchanged. Call once per iteration, outside the chunk loop."""
+def _halves(v: Any) -> tuple[jax.Array, jax.Array]:
+    """``(v2, v1)`` from a pair or from a ``[..., 2D]`` array split in two."""
+    if isinstance(v, (tuple, list)):
+        return v[0], v[1]
+    d = v.shape[-1] // 2
+    return v[..., :d], v[..., d:]
+
+
+def prepare_e_weights(w: Any, precision: Any) -> Any:
+    """The E-step's weights ``w = (prec, -2 mu prec)`` (a pair of ``[K, D]``, or ``[K, 2D]``) as the GEMM reads
+    them: the pair for fp32 precisions (two ``D``-deep GEMMs), ``[w_hi, w_hi, w_lo]`` ([K, 6D] bf16) for
+    ``bf16x3_fused``. Call once per iteration, outside the chunk loop (XLA:CPU does not hoist slices of it)."""
+    w2, w1 = _halves(w)
     if precision != FUSED_BF16X3:
-        return w
-    hi, lo = split_bf16(w)
+        return w2, w1
+    hi, lo = split_bf16(jnp.concatenate([w2, w1], axis=1))
     return jnp.concatenate([hi, hi, lo], axis=1)
 
 
-def e_step_gemm(a: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
-    """``a [C, 2D] . w [K, 2D] -> [C, K]`` fp32; ``w`` from :func:`prepare_e_weights`."""
-    if precision != FUSED_BF16X3:  # as two D-deep GEMMs: XLA:CPU runs the 2D-deep one over a concatenation slower
-        d = a.shape[1] // 2
-        return (lax.dot_general(a[:, :d], w[:, :d], DIMS_NT, precision=precision)
-                + lax.dot_general(a[:, d:], w[:, d:], DIMS_NT, precision=precision))
-    hi, lo = split_bf16(a)
+def e_step_gemm(a: Any, w: Any, precision: Any) -> jax.Array:
+    """``a = (x^2, x)`` (a pair of ``[C, D]``, or ``[C, 2D]``) ``. w -> [C, K]`` fp32; ``w`` from
+    :func:`prepare_e_weights`."""
+    a2, a1 = _halves(a)
+    if precision != FUSED_BF16X3:  # two D-deep GEMMs: XLA:CPU runs one 2D-deep GEMM over a concatenation slower
+        w2, w1 = _halves(w)
+        return (lax.dot_general(a2, w2, DIMS_NT, precision=precision)
+                + lax.dot_general(a1, w1, DIMS_NT, precision=precision))
+    hi, lo = split_bf16(jnp.concatenate([a2, a1], axis=1))
     return _dot_f32(jnp.concatenate([hi, lo, hi], axis=1), w, DIMS_NT)
 
 

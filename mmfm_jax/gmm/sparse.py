@@ -1,28 +1,36 @@
-"""M-step statistics of one chunk: centred segment sums of each row's largest responsibilities, and the rest by GEMM.
+"""M-step statistics of one chunk, accumulated in place: centred segment sums of each row's largest
+responsibilities, the rest by GEMM.
 
 Every row's largest responsibility (and, with ``em.fit(m_step_top=m)``, its ``m`` largest) is added by a *segment
-sum*: ``upd_n = r_n [(x_n - c_j)^2, x_n - c_j]`` summed into row ``j = argmax_k r_nk`` of a ``[K, 2D]`` table,
-centred on the component's reference point ``c_j`` (EM: the means entering the iteration). Centred before
-squaring, so a tight component far from the data mean keeps its digits (:mod:`mmfm_jax.gmm.mstep`). It is memory
-work: a row gather of ``c``, one ``[C, 2, D]`` update and a scatter-add (the update stacked, not concatenated to
-``[C, 2D]``: XLA:CPU runs the concatenated form several times slower). Rows are selected by
-:func:`mmfm_jax.gmm.precision.row_max_argmax` (XLA:CPU's own ``argmax`` is ~30x slower than a max pass).
+sum*: ``r_n [(x_n - c_j)^2, x_n - c_j]`` scatter-added into row ``j = argmax_k r_nk`` of the carried ``[K, 2, D]``
+table :attr:`Acc.s`, centred on the component's reference point ``c_j`` (EM: the means entering the iteration).
+Centred before squaring, so a tight component far from the data mean keeps its digits (:mod:`mmfm_jax.gmm.mstep`).
+It is memory work: a row gather of ``c``, one ``[C, 2, D]`` update (stacked, not concatenated to ``[C, 2D]``:
+XLA:CPU runs the concatenated form several times slower) and a scatter-add into the loop-carried table, which XLA
+updates in place. Rows are selected by :func:`mmfm_jax.gmm.precision.row_max_argmax` (XLA:CPU's own ``argmax`` is
+~30x slower than a max pass).
 
-The responsibilities not kept that way go through the GEMM ``r^T [x^2, x]`` about the origin (shifted frame) and are
-re-centred algebraically (:func:`mmfm_jax.gmm.mstep.centre`); their rounding scales with their small mass. With
-``m = 0`` (dense M-step, sklearn) that GEMM takes all of them. With ``m > 0`` (sparse): in 768-D a [CLS] vector's
-posterior over 8192 components is nearly one-hot once EM settles, so the dense GEMM (half of an iteration's 8 N D K
-FLOP) mostly multiplies zeros. The mass a row leaves out is summed directly from the entries not kept (no
-``1 - kept`` cancellation). A row that would leave out more than ``tol`` gets the rest of its responsibilities by
-a small dense GEMM over such rows only (up to ``C // 16`` of them per chunk, in blocks of ``C // 64`` rows, as
-many blocks as there are such rows; a chunk with more takes the GEMM over all rows, in blocks of ``C // 16`` rows;
-``lax.switch``). So every row's statistics are either exact or miss at
-most ``tol`` of its unit mass: early, fuzzy iterations run dense, settled ones sparse, with no state to carry.
+The responsibilities not kept that way go through the GEMM ``r^T [x^2, x]`` about the origin (shifted frame), into
+the carried :attr:`Acc.g`, and are re-centred algebraically once, after the chunk loop (:func:`finish`); their
+rounding scales with their small mass. With ``m = 0`` (dense M-step, sklearn) that GEMM takes all of them. With
+``m > 0`` (sparse): in 768-D a [CLS] vector's posterior over 8192 components is nearly one-hot once EM settles, so
+the dense GEMM (half of an iteration's 8 N D K FLOP) mostly multiplies zeros. The mass a row leaves out is summed
+directly from the entries not kept (no ``1 - kept`` cancellation). A row that would leave out more than ``tol`` is
+*recorded* (:class:`Pending`: its position, kept components, row maximum and normaliser) and completed after the
+chunk loop by :func:`complete`, which recomputes those rows' log-densities and adds the rest of their
+responsibilities by small GEMMs, in blocks; a chunk with more than ``C // 16`` such rows takes the GEMM over all
+its rows instead (in blocks of ``C // 16`` rows, ``lax.cond``). So every row's statistics are either exact or miss
+at most ``tol`` of its unit mass: early, fuzzy iterations run dense, settled ones sparse, with no state carried
+between iterations.
+
+The tables are summed in the working dtype directly, chunk after chunk (no compensation): each component's
+centred sums add at most the rows assigned to it, small values that do not cancel against a large total.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,26 +42,48 @@ from mmfm_jax.gmm.precision import row_max_argmax
 Dense = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+class Acc(NamedTuple):
+    """M-step statistics carried through the chunk loop: ``nk [K]`` and ``s [K, 2, D]`` (``sum r [(x - c)^2,
+    x - c]``, centred; ``[K, 1, F]`` ``sum r x`` without centres) of the segment-summed entries; ``rsum [K]`` and
+    ``g [K, 2D]`` (``r^T [x^2, x]`` about the origin; ``[K, F]`` ``r^T x`` without centres) of the GEMM-ed ones."""
+
+    nk: jax.Array
+    s: jax.Array
+    rsum: jax.Array
+    g: jax.Array
+
+
+def zeros(k: int, f: int, dtype, centred: bool = True) -> Acc:
+    """Empty :class:`Acc` for ``K = k`` components of ``f`` features."""
+    z = jnp.zeros((k,), dtype)
+    return Acc(z, jnp.zeros((k, 2 if centred else 1, f), dtype), z, jnp.zeros((k, (2 if centred else 1) * f), dtype))
+
+
+def finish(acc: Acc, centres: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``(sum r [K], sum r [(x - c)^2, x - c] [K, 2D])`` about ``centres [K, D]`` (None: ``sum r x [K, F]``)."""
+    k = acc.nk.shape[0]
+    s = acc.s.reshape(k, -1)
+    g = acc.g if centres is None else centre(acc.g, acc.rsum, centres)
+    return acc.nk + acc.rsum, s + g
+
+
 def features(x: jax.Array, centres: jax.Array | None) -> jax.Array:
     """The M-step GEMM's operand of chunk rows ``x``: ``[x^2, x] [C, 2D]`` with ``centres`` (EM), else ``x``."""
     return x if centres is None else jnp.concatenate([x * x, x], axis=1)
 
 
-def segment_stats(v: jax.Array, idx: jax.Array, x: jax.Array, centres: jax.Array | None,
-                  k: int) -> tuple[jax.Array, jax.Array]:
-    """``v [C]`` weights, ``idx [C]`` components (in range), ``x [C, D]`` rows, ``centres [K, D]`` ->
-    ``(sum_{idx_n = k} v_n [K], sum_{idx_n = k} v_n [(x_n - c_k)^2, x_n - c_k] [K, 2D])``; ``centres=None``:
-    ``sum_{idx_n = k} v_n x_n`` for any ``x [C, F]``."""
-    c, f = x.shape
-    nk = jnp.zeros((k,), v.dtype).at[idx].add(v, mode="promise_in_bounds")
+def add_segments(acc: Acc, v: jax.Array, idx: jax.Array, x: jax.Array, centres: jax.Array | None) -> Acc:
+    """``acc`` plus ``v [C]`` weights of rows ``x [C, D]`` into components ``idx [C]`` (in range): ``nk += v``,
+    ``s[idx] += v [(x - c)^2, x - c]`` (``centres=None``: ``v x``)."""
+    nk = acc.nk.at[idx].add(v, mode="promise_in_bounds")
     if centres is None:
-        return nk, jnp.zeros((k, f), x.dtype).at[idx].add(v[:, None] * x, mode="promise_in_bounds")
-    y = x - centres.at[idx].get(mode="promise_in_bounds")
-    # the update [C, 2, D] with the stack at the root of its fusion (XLA:CPU writes each part in its own vectorised
-    # loop): a stack inside the expression (v * stack(...)) or a [C, 2D] concatenation runs ~6x slower
-    upd = jnp.stack([v[:, None] * (y * y), v[:, None] * y], axis=1)
-    s = jnp.zeros((k, 2, f), x.dtype).at[idx].add(upd, mode="promise_in_bounds")
-    return nk, s.reshape(k, 2 * f)
+        upd = (v[:, None] * x)[:, None, :]
+    else:
+        y = x - centres.at[idx].get(mode="promise_in_bounds")
+        # the update [C, 2, D] with the stack at the root of its fusion (XLA:CPU writes each part in its own
+        # vectorised loop): a stack inside the expression (v * stack(...)) or a [C, 2D] concatenation is ~6x slower
+        upd = jnp.stack([v[:, None] * (y * y), v[:, None] * y], axis=1)
+    return acc._replace(nk=nk, s=acc.s.at[idx].add(upd, mode="promise_in_bounds"))
 
 
 def _not_kept(k: int, idx: list[jax.Array]) -> jax.Array:
@@ -76,14 +106,6 @@ def _select(scores: jax.Array, m: int) -> tuple[list[jax.Array], list[jax.Array]
     return idx, val
 
 
-def _segments(v: list[jax.Array], idx: list[jax.Array], x: jax.Array, centres: jax.Array | None, k: int):
-    nk, s = 0.0, 0.0
-    for v_i, i in zip(v, idx):
-        nk_i, s_i = segment_stats(v_i, i, x, centres, k)
-        nk, s = nk + nk_i, s + s_i
-    return nk, s
-
-
 def top_m_stats(r: jax.Array, x: jax.Array, m: int,
                 centres: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``r [C, K]`` responsibilities (rows sum to 1, or 0 for padding), ``x [C, D]`` rows ->
@@ -94,19 +116,72 @@ def top_m_stats(r: jax.Array, x: jax.Array, m: int,
     if not 1 <= m < k:
         raise ValueError(f"m_step_top must be in [1, {k - 1}] for K = {k}, got {m}")
     idx, val = _select(r, m)
-    nk, s = _segments(val, idx, x, centres, k)
+    acc = zeros(k, x.shape[1], x.dtype, centres is not None)
+    for v_i, i in zip(val, idx):
+        acc = add_segments(acc, v_i, i, x, centres)
     rest = jnp.where(_not_kept(k, idx), r, 0.0)
-    return nk, s, jnp.sum(rest, axis=1), rest
+    return acc.nk, acc.s.reshape(k, -1), jnp.sum(rest, axis=1), rest
+
+
+class Pending(NamedTuple):
+    """Rows recorded for :func:`complete` (capacity ``B``; entries at and past ``count`` are unused): ``rows [B]``
+    (int32 positions, meaning given by the caller), ``kept [m, B]`` (their kept components), ``mx [B]`` (row
+    maximum of the log-densities) and ``inv [B]`` (``1 / sum_k exp(logit - mx)``), ``count []``."""
+
+    rows: jax.Array
+    kept: jax.Array
+    mx: jax.Array
+    inv: jax.Array
+    count: jax.Array
+
+
+def pending(capacity: int, m: int, dtype) -> Pending:
+    """An empty :class:`Pending` for ``capacity`` rows with ``m`` kept components each."""
+    zi = jnp.zeros((capacity,), jnp.int32)
+    return Pending(zi, jnp.zeros((m, capacity), jnp.int32), jnp.zeros((capacity,), dtype),
+                   jnp.zeros((capacity,), dtype), jnp.zeros((), jnp.int32))
+
+
+def block_rows(chunk: int) -> int:
+    """Rows per dense block of a ``chunk``-row chunk, and the most rows one chunk records: ``chunk // 16``."""
+    return max(1, chunk // 16)
+
+
+def completion_rows(chunk: int) -> int:
+    """Rows per block of :func:`complete` for ``chunk``-row chunks: ``chunk // 4`` (a settled chunk records a few
+    rows: one block usually holds several chunks' rows)."""
+    return max(1, chunk // 4)
+
+
+def capacity(n_chunks: int, chunk: int) -> int:
+    """The :class:`Pending` capacity that never overflows: each chunk records at most :func:`block_rows` rows (a
+    chunk with more runs dense), plus room for the last chunk's fixed-size write; a multiple of
+    :func:`completion_rows`."""
+    b = completion_rows(chunk)
+    return -(-(n_chunks + 1) * block_rows(chunk) // b) * b
+
+
+def _rest(logits, mx, inv, kept, valid):
+    """The responsibilities not kept, ``[C, K]`` (0 on rows not ``valid``): a fused expression."""
+    keep = _not_kept(logits.shape[1], kept) & valid[:, None]
+    return jnp.where(keep, jnp.exp(logits - mx[:, None]) * inv[:, None], 0.0)
+
+
+def _add_gemm(acc: Acc, rest: jax.Array, x: jax.Array, centres: jax.Array | None, dense: Dense) -> Acc:
+    return acc._replace(rsum=acc.rsum + jnp.sum(rest, 0), g=acc.g + dense(rest, features(x, centres)))
 
 
 def chunk_stats(logits: jax.Array, valid: jax.Array, x: jax.Array, m: int, tol: float, dense: Dense,
-                centres: jax.Array | None = None) -> tuple[jax.Array, ...]:
+                acc: Acc, centres: jax.Array | None = None, rec: Pending | None = None,
+                rows: jax.Array | None = None) -> tuple[jax.Array, Acc, Pending | None, jax.Array, jax.Array,
+                                                        jax.Array]:
     """Softmax and M-step statistics of one chunk from its log-joint densities ``logits [C, K]`` (rows with
-    ``valid [C]`` False count nothing): ``(log-likelihood per row [C], N_k [K], S [K, 2D], largest left-out mass of
-    a row, 1 if the chunk took the GEMM over all rows else 0, rows completed by the small dense GEMM)``;
-    ``S = sum r [(x - c)^2, x - c]`` about ``centres [K, D]`` of the rows ``x [C, D]`` (None: ``sum r x`` for any
-    ``x [C, F]``); ``dense(r [C, K], a) -> r^T a`` with ``a = features(x, centres)``. ``m = 0``: dense
-    (each row's largest entry by a segment sum, all others by ``dense``); ``m > 0``: sparse (module docstring).
+    ``valid [C]`` False count nothing), added to ``acc``: ``(log-likelihood per row [C], acc, rec, largest
+    left-out mass of a row not recorded, 1 if the chunk took the GEMM over all rows else 0, rows recorded)``.
+    ``x [C, D]`` rows (``centres [K, D]``: statistics centred on them; None: ``sum r x`` for any ``x [C, F]``);
+    ``dense(r [C, K], a) -> r^T a`` with ``a = features(x, centres)``. ``m = 0``: dense (each row's largest entry
+    by a segment sum, all others by ``dense``); ``m > 0``: sparse (module docstring): rows leaving out more than
+    ``tol`` are recorded in ``rec`` under their ``rows [C]`` positions, for :func:`complete`.
 
     One exp pass over ``[C, K]``: the kept entries are selected on the logits, and the responsibilities not kept
     are summed in the same pass (their mass, without ``1 - kept`` cancellation); the ``[C, K]`` responsibilities
@@ -121,64 +196,65 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, x: jax.Array, m: int, tol: 
     s_rest = jnp.sum(jnp.where(_not_kept(k, idx), jnp.exp(logits - mx[:, None]), 0.0), axis=1)
     inv = jnp.where(valid, 1.0 / (sum(e_kept) + s_rest), 0.0)
     lse = mx + jnp.log(sum(e_kept) + s_rest)
-    nk, s = _segments([ek * inv for ek in e_kept], idx, x, centres, k)
-    zero_i = jnp.zeros((), jnp.int32)
-
-    # The branches below get only raw inputs and rebuild every [C, K] operand inside: a mask or responsibilities
-    # handed in would be materialised before the branch, for every chunk (XLA:CPU: 5x the sparse chunk's cost);
-    # so would the GEMM operand [x^2, x] (a [C, 2D] concatenation): it is built inside, from x.
-    def add_rest(ops, nk_=nk, s_=s):
-        logits_, mx_, inv_, idx_, x_ = ops
-        rest = jnp.where(_not_kept(k, idx_), jnp.exp(logits_ - mx_[:, None]), 0.0) * inv_[:, None]
-        g, rsum = dense(rest, features(x_, centres)), jnp.sum(rest, 0)
-        return nk_ + rsum, s_ + (g if centres is None else centre(g, rsum, centres))
-
-    ops = (logits, mx, inv, idx, x)
+    for ek, i in zip(e_kept, idx):
+        acc = add_segments(acc, ek * inv, i, x, centres)
     if m == 0 or k == 1:
-        return (lse, *add_rest(ops), jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i)
+        acc = _add_gemm(acc, _rest(logits, mx, inv, idx, valid), x, centres, dense)
+        return lse, acc, rec, jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32)
+    if rec is None or rows is None:
+        raise ValueError("a sparse M-step (m > 0) records its fuzzy rows: pass rec and rows")
     left = s_rest * inv
     fuzzy = left > tol
     n_fuzzy = jnp.sum(fuzzy.astype(jnp.int32))
-    cap = max(1, c // 16)
-    sub = max(1, cap // 4)
+    cap = block_rows(c)
+    many = n_fuzzy > cap
 
-    def sparse_only(ops_):
-        return nk, s, jnp.max(left), zero_i, zero_i
+    def full_dense(ops):  # block by block: a [C, K] GEMM inside a branch costs XLA:CPU ~2x a sparse chunk even
+        # when the branch is not taken; blocks of `cap` rows do not
+        rsum, g, logits_, mx_, inv_, idx_, x_ = ops
 
-    def completed(ops_):  # add the left-out entries of the (at most cap) fuzzy rows: those rows become exact,
-        # in blocks of `sub` rows, as many as there are fuzzy rows (a settled chunk has a few)
-        n_sub = -(-cap // sub)
-        rows = jnp.nonzero(fuzzy, size=n_sub * sub, fill_value=c)[0]
-        logits_, mx_, inv_, idx_, x_ = ops_
-
-        def block(j, acc):
-            rows_j = lax.dynamic_slice_in_dim(rows, j * sub, sub, 0)
-
-            def take(v, fill):
-                return jnp.take(v, rows_j, axis=0, mode="fill", fill_value=fill)
-
-            part = (take(logits_, -jnp.inf), take(mx_, 0.0), take(inv_, 0.0), [take(i, 0) for i in idx_],
-                    take(x_, 0.0))
-            return add_rest(part, *acc)
-
-        nk_f, s_f = lax.fori_loop(0, (n_fuzzy + sub - 1) // sub, block, (nk, s))
-        return nk_f, s_f, jnp.max(jnp.where(fuzzy, 0.0, left)), zero_i, n_fuzzy
-
-    def full_dense(ops_):  # block by block: a [C, K] GEMM inside a branch costs XLA:CPU ~2x a sparse chunk even
-        # when the branch is not taken; blocks of `cap` rows, as `completed`, do not
-        logits_, mx_, inv_, idx_, x_ = ops_
-
-        def block(j, acc):
+        def block(j, a):
             start = jnp.minimum(j * cap, c - cap)  # the last block overlaps the one before: rows seen get inv 0
 
             def sl(v):
                 return lax.dynamic_slice_in_dim(v, start, cap, 0)
 
-            inv_b = jnp.where(start + jnp.arange(cap) >= j * cap, sl(inv_), 0.0)
-            return add_rest((sl(logits_), sl(mx_), inv_b, [sl(i) for i in idx_], sl(x_)), *acc)
+            fresh = start + jnp.arange(cap) >= j * cap
+            r = _rest(sl(logits_), sl(mx_), sl(inv_), [sl(i) for i in idx_], fresh)
+            return _add_gemm(a, r, sl(x_), centres, dense)
 
-        nk_f, s_f = lax.fori_loop(0, -(-c // cap), block, (nk, s))
-        return nk_f, s_f, jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), zero_i
+        out = lax.fori_loop(0, -(-c // cap), block, Acc(None, None, rsum, g))
+        return out.rsum, out.g
 
-    branch = jnp.where(n_fuzzy == 0, 0, jnp.where(n_fuzzy <= cap, 1, 2))
-    return (lse, *lax.switch(branch, (sparse_only, completed, full_dense), ops))
+    rsum, g = lax.cond(many, full_dense, lambda ops: (ops[0], ops[1]),
+                       (acc.rsum, acc.g, logits, mx, inv, idx, x))
+    acc = acc._replace(rsum=rsum, g=g)
+    # record the fuzzy rows (none from a dense chunk): a fixed-size write at `count`
+    pos = jnp.nonzero(fuzzy & ~many, size=cap, fill_value=c)[0]
+
+    def put(buf, v, fill):
+        return lax.dynamic_update_slice_in_dim(buf, jnp.take(v, pos, mode="fill", fill_value=fill), rec.count, 0)
+
+    n_rec = jnp.where(many, 0, n_fuzzy).astype(jnp.int32)
+    rec = Pending(put(rec.rows, rows, 0), jnp.stack([put(rec.kept[j], i, 0) for j, i in enumerate(idx)]),
+                  put(rec.mx, mx, 0.0), put(rec.inv, inv, 0.0), rec.count + n_rec)
+    worst = jnp.where(many, 0.0, jnp.max(jnp.where(fuzzy, 0.0, left)))
+    return lse, acc, rec, worst, many.astype(jnp.int32), n_rec
+
+
+def complete(rec: Pending, acc: Acc, logits_of: Callable[[jax.Array], tuple[jax.Array, jax.Array]], block: int,
+             dense: Dense, centres: jax.Array | None = None) -> Acc:
+    """``acc`` plus the responsibilities the recorded rows left out, by GEMMs over blocks of ``block`` rows (as many
+    blocks as rows recorded). ``logits_of(rows [block]) -> (logits [block, K], x [block, D])`` recomputes the
+    recorded rows' log-joint densities as the chunk computed them."""
+    def body(j, a):
+        def sl(v):
+            return lax.dynamic_slice_in_dim(v, j * block, block, v.ndim - 1)
+
+        logits, x = logits_of(sl(rec.rows))
+        valid = j * block + jnp.arange(block) < rec.count
+        kept = sl(rec.kept)
+        r = _rest(logits, sl(rec.mx), sl(rec.inv), [kept[i] for i in range(kept.shape[0])], valid)
+        return _add_gemm(a, r, x, centres, dense)
+
+    return lax.fori_loop(0, (rec.count + block - 1) // block, body, acc)
