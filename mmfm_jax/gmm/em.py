@@ -144,15 +144,19 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
             return (_kahan(ll, jnp.sum(jnp.where(valid, lse, 0.0))), acc, rec, jnp.maximum(dmax, drop),
                     counts + jnp.stack([n_dense, n_rec])), None
 
-        acc = sparse.zeros(k, d, dt) if m_stats else None
-        rec = sparse.pending(sparse.capacity(n_chunks, chunk), max(1, m_top), dt) if m_stats and m_top else None
         zero = jnp.zeros((), dt)
-        init = ((zero, zero), acc, rec, zero, jnp.zeros((2,), jnp.int32))
-        ((ll, _), acc, rec, dmax, counts), _ = lax.scan(body, init, jnp.arange(n_chunks))
+        carry = ((zero, zero), None, None, zero, jnp.zeros((2,), jnp.int32))
+        if not m_stats:
+            ((ll, _), *_), _ = lax.scan(body, carry, jnp.arange(n_chunks))
+            return psum((ll,), axes), (zero, psum(carry[-1], axes))
+
+        rec = sparse.pending(sparse.capacity(n_chunks, chunk), max(1, m_top), dt) if m_top else None
+        carry = carry[:1] + (sparse.zeros(k, d, dt), rec) + carry[3:]
+        carry, _ = lax.scan(body, carry, jnp.arange(n_chunks))
+        (ll, _), acc, rec, dmax, counts = carry
         if rec is not None:  # the recorded rows' left-out responsibilities, after the loop
             acc = sparse.complete(rec, acc, logits_of, sparse.completion_rows(chunk), dense, centres=mu)
-        tot = (ll,) + (sparse.finish(acc, mu) if m_stats else ())
-        return psum(tot, axes), (lax.pmax(dmax, axes) if axes else dmax, psum(counts, axes))
+        return psum((ll, *sparse.finish(acc, mu)), axes), (lax.pmax(dmax, axes) if axes else dmax, psum(counts, axes))
 
     xspec = PartitionSpec(axes_entry(axes), None)
     rep = PartitionSpec()

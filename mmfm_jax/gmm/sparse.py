@@ -210,20 +210,21 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, x: jax.Array, m: int, tol: 
     many = n_fuzzy > cap
 
     def full_dense(ops):  # block by block: a [C, K] GEMM inside a branch costs XLA:CPU ~2x a sparse chunk even
-        # when the branch is not taken; blocks of `cap` rows do not
+        # when the branch is not taken; blocks of C / 4 rows do not
         rsum, g, logits_, mx_, inv_, idx_, x_ = ops
+        bl = completion_rows(c)
 
         def block(j, a):
-            start = jnp.minimum(j * cap, c - cap)  # the last block overlaps the one before: rows seen get inv 0
+            start = jnp.minimum(j * bl, c - bl)  # the last block overlaps the one before: rows seen get inv 0
 
             def sl(v):
-                return lax.dynamic_slice_in_dim(v, start, cap, 0)
+                return lax.dynamic_slice_in_dim(v, start, bl, 0)
 
-            fresh = start + jnp.arange(cap) >= j * cap
+            fresh = start + jnp.arange(bl) >= j * bl
             r = _rest(sl(logits_), sl(mx_), sl(inv_), [sl(i) for i in idx_], fresh)
             return _add_gemm(a, r, sl(x_), centres, dense)
 
-        out = lax.fori_loop(0, -(-c // cap), block, Acc(None, None, rsum, g))
+        out = lax.fori_loop(0, -(-c // bl), block, Acc(None, None, rsum, g))
         return out.rsum, out.g
 
     rsum, g = lax.cond(many, full_dense, lambda ops: (ops[0], ops[1]),
