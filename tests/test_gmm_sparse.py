@@ -103,3 +103,24 @@ def test_sparse_fit_arguments():
         em.fit(x, 4, m_step_top=1, m_step_tol=1.5)
     _, info = em.fit(x, 4, m_step_top=4, max_iter=2)  # keeping every component is the dense M-step
     assert info["m_step_top"] == 0
+
+
+def test_recorded_rows_are_completed_across_chunks_and_blocks_in_float64():
+    """Rows recorded in many chunks, completed after the loop in several blocks (recomputed log-densities with
+    exact_top): in float64 with a tiny tolerance the sparse fit is the dense one to rounding."""
+    rng = np.random.default_rng(7)
+    centers = rng.normal(size=(6, 8)) * 10.0
+    x = centers[rng.integers(0, 6, 1500)] + rng.normal(size=(1500, 8))
+    x[::30] = (centers[rng.integers(0, 6, 50)] + centers[rng.integers(0, 6, 50)]) / 2  # 50 rows between two blobs
+    mesh = parallel.make_mesh(None, jax.devices()[:1])
+    kw = dict(mesh=mesh, seed=5, max_iter=15, tol=0.0, chunk_size=64, dtype="float64", exact_top=True)
+    g0, i0 = em.fit(x, 6, **kw)
+    g1, i1 = em.fit(x, 6, m_step_top=1, m_step_tol=1e-14, **kw)
+    recorded = [h["m_step_completed_rows"] for h in i1["history"]]
+    assert max(recorded) > sparse.completion_rows(64), recorded  # more than one completion block (16 rows)
+    assert sum(h["m_step_dense_chunks"] for h in i1["history"][1:]) == 0  # the rest ran sparse
+    assert i1["m_step_dropped"] <= 1e-14
+    np.testing.assert_allclose([h["lower_bound"] for h in i1["history"]], [h["lower_bound"] for h in i0["history"]],
+                               rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(g1.means), np.asarray(g0.means), rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(g1.variances), np.asarray(g0.variances), rtol=1e-11)

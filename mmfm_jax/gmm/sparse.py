@@ -234,7 +234,8 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, x: jax.Array, m: int, tol: 
     pos = jnp.nonzero(fuzzy & ~many, size=cap, fill_value=c)[0]
 
     def put(buf, v, fill):
-        return lax.dynamic_update_slice_in_dim(buf, jnp.take(v, pos, mode="fill", fill_value=fill), rec.count, 0)
+        new = jnp.take(v, pos, mode="fill", fill_value=fill).astype(buf.dtype)
+        return lax.dynamic_update_slice_in_dim(buf, new, rec.count, 0)
 
     n_rec = jnp.where(many, 0, n_fuzzy).astype(jnp.int32)
     rec = Pending(put(rec.rows, rows, 0), jnp.stack([put(rec.kept[j], i, 0) for j, i in enumerate(idx)]),
