@@ -17,7 +17,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(latents_dir="", batch_size=256))
     c.latent = ml_collections.ConfigDict(dict(grid=(16, 16), channels=768))
     c.gmm = ml_collections.ConfigDict(dict(n_components=8192, max_iter=100, tol=1e-3, reg_covar=1e-6,
-                                           init="k-means++", seed=42, chunk_size=4096, checkpoint_every=1,
+                                           init="k-means++", seed=42, checkpoint_every=1,
+                                           # rows per chunk per device; 0: 1024 on CPUs, 4096 on accelerators
+                                           chunk_size=0,
                                            # GEMM precision: fp32 (default); on GPUs 'bf16x3_fused' (3-pass bf16
                                            # split, fits as well as fp32) or 'tf32_tf32_f32,highest' (README, "GMM EM")
                                            precision="highest",

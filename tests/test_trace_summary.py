@@ -51,3 +51,11 @@ def test_classify_and_missing_trace(tmp_path):
     assert ts.classify("ncclKernel_AllGather") == "collective"
     with pytest.raises(FileNotFoundError, match="trace.json.gz"):
         ts.find_trace(tmp_path)
+
+
+def test_a_device_plane_without_kernels_is_no_device(tmp_path, capsys):
+    """A loaded accelerator plugin can add an empty device plane to a CPU run's trace: no kernels, no device."""
+    _write(tmp_path / "cpu.trace.json.gz", [_x(2, "$python frame", 500)])
+    assert ts.summarize(tmp_path / "cpu.trace.json.gz")["devices"] == []
+    ts.main(["trace_summary", str(tmp_path / "cpu.trace.json.gz")])
+    assert "no accelerator kernels in this trace" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """GMM EM benchmark: ours (sharded, chunked) vs scikit-learn from the same start, and the matmul floor.
 
-``python -m mmfm_jax.bench gmm [--n=100000 --d=768 --k=512 --iters=5 --chunk=4096 --devices=1]``
+``python -m mmfm_jax.bench gmm [--n=100000 --d=768 --k=512 --iters=5 --chunk=1024 --devices=1]``
   Same float32 data, same initial parameters (random distinct points as means, the global per-feature variance,
   uniform weights) for both. Prints seconds per EM iteration (median of iterations 2..iters for ours: the first
   one compiles; every iteration for sklearn, timed around its own ``_e_step``/``_m_step``/lower bound, which is
@@ -34,7 +34,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--k", type=int, default=None, help="components (default 512; imagenet: 8192)")
     p.add_argument("--iters", type=int, default=5, help="EM iterations timed (>= 2)")
-    p.add_argument("--chunk", type=int, default=4096, help="rows per chunk per device")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="rows per chunk per device (0: em.default_chunk, 1024 on CPUs, 4096 on accelerators)")
     p.add_argument("--devices", type=int, default=0, help="CPU only: number of CPU devices (0: jax default)")
     p.add_argument("--precision", default="highest",
                    help="highest | high | default | bf16x3_fused | a lax.DotAlgorithmPreset name (e.g. "
@@ -276,6 +277,7 @@ def main(argv: list[str]) -> None:
     d = a.d
     use_sk = (not imagenet) if a.sklearn is None else a.sklearn
     mesh = parallel.make_mesh()
+    a.chunk = a.chunk or em.default_chunk(mesh)
     n_dev = int(mesh.devices.size)
     dev = jax.devices()[0]
     print(f"# GMM EM bench: backend={backend} ({dev.device_kind}) devices={n_dev} cpu_count={os.cpu_count()} "

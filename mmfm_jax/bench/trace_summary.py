@@ -64,9 +64,11 @@ def summarize(trace_file: str | Path, steps: int = 1) -> dict[str, Any]:
     devices = {pid for pid, name in procs.items() if name.startswith("/device:")}
     kinds: dict[str, float] = collections.defaultdict(float)
     ops: dict[tuple[str, str, str], float] = collections.defaultdict(float)
+    ran: set[Any] = set()  # device processes with kernels (a process loaded plugin may add an empty device plane)
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in devices:
             continue
+        ran.add(e["pid"])
         args = e.get("args", {}) or {}
         kind = classify(e.get("name", ""), args)
         ms = float(e.get("dur", 0.0)) / 1e3 / steps
@@ -74,7 +76,7 @@ def summarize(trace_file: str | Path, steps: int = 1) -> dict[str, Any]:
         ops[(kind, e.get("name", ""), str(args.get("hlo_op", "")))] += ms
     top = sorted(((ms, *key) for key, ms in ops.items()), reverse=True)
     return {"kinds": dict(kinds), "total_ms": sum(kinds.values()), "ops": top,
-            "devices": sorted(procs[p] for p in devices)}
+            "devices": sorted(procs[p] for p in ran)}
 
 
 def main(argv: list[str]) -> None:

@@ -65,7 +65,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check_positive(cfg, "gmm.max_iter")
         check_positive(cfg, "gmm.tol", allow_zero=True)
         check_positive(cfg, "gmm.reg_covar")
-        check_positive(cfg, "gmm.chunk_size")
+        check_positive(cfg, "gmm.chunk_size", allow_zero=True)
         check_positive(cfg, "gmm.m_step_top", allow_zero=True)
         check(cfg, "gmm.init", lambda v: v in ("k-means++", "random_from_data"), "must be 'k-means++'")
         check_positive(cfg, "data.batch_size")
@@ -99,7 +99,7 @@ def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls) -> tuple[diag.DiagGMM,
                                       checkpoint_every=int(g.checkpoint_every), on_iteration=on_iteration,
                                       before_checkpoint=ctx.writer.flush, dtype=g.dtype, seed=int(g.seed),
                                       init=g.init, max_iter=int(g.max_iter), tol=float(g.tol),
-                                      reg_covar=float(g.reg_covar), chunk_size=int(g.chunk_size),
+                                      reg_covar=float(g.reg_covar), chunk_size=int(g.chunk_size) or None,
                                       precision=g.precision, m_step_top=int(g.m_step_top))
     bar.close()
     return gmm, info
