@@ -157,11 +157,12 @@ def _gemm_loop(mesh, spec, local_len: int, chunk: int, prec):
                                  check_vma=False))
 
 
-def split_seconds(data, g, k: int, a, exact_top: bool, pairs: int = 3) -> dict:
+def split_seconds(data, g, k: int, a, exact_top: bool, pairs: int = 5) -> dict:
     """One EM iteration, the E-step alone (``em.score``: GEMM, exp pass, log-likelihood) and the E-step GEMMs alone,
     alternated ``pairs`` times from the fitted ``g`` (so a changing machine load hits all three alike): medians of
-    each (wall seconds), and medians of the per-round ratios to the E-step GEMMs, in wall and in CPU time
-    (``time.process_time``: less sensitive to other jobs on a shared machine)."""
+    each (wall seconds), medians of the per-round ratios to the E-step GEMMs, in wall and in CPU time
+    (``time.process_time``: less sensitive to other jobs on a shared machine), and the ratios of the best rounds
+    (``*_best_ratio``, wall: the least disturbed run of each)."""
     from mmfm_jax.gmm import em
 
     wall: dict[str, list[float]] = {"iteration": [], "e_step": [], "e_gemm": []}
@@ -194,6 +195,8 @@ def split_seconds(data, g, k: int, a, exact_top: bool, pairs: int = 3) -> dict:
                                        ("e_step", (wall["e_step"], cpu["e_step"])), ("m_step", (m_wall, m_cpu))):
         out[f"{name}_ratio"] = med([x / y for x, y in zip(series_w, wall["e_gemm"])])
         out[f"{name}_cpu_ratio"] = med([x / y for x, y in zip(series_c, cpu["e_gemm"])])
+    for name in ("iteration", "e_step"):
+        out[f"{name}_best_ratio"] = min(wall[name]) / min(wall["e_gemm"])
     out["ratio"] = out["iteration_ratio"]
     return out
 
@@ -349,7 +352,7 @@ def main(argv: list[str]) -> None:
     sp = split_seconds(data, g, k, a, info["exact_top"])
     e_floor = flop / 2 / rates[steps[0]]
     print(f"E-step / M-step seconds:            {sp['e_step']:.4f} / {sp['m_step']:.4f}   (iteration "
-          f"{sp['iteration']:.4f}; medians of 3 rounds alternating an iteration, the E-step alone and its GEMMs "
+          f"{sp['iteration']:.4f}; medians of 5 rounds alternating an iteration, the E-step alone and its GEMMs "
           "alone)")
     print(f"E-step GEMMs alone (4 N D K):       {sp['e_gemm']:.4f} s (same rounds); at the measured rate "
           f"{e_floor:.4f} s")
@@ -357,7 +360,8 @@ def main(argv: list[str]) -> None:
         f"{name} {sp[key + '_ratio']:.3f} wall / {sp[key + '_cpu_ratio']:.3f} CPU"
         for name, key in (("E-step", "e_step"), ("M-step", "m_step"), ("iteration", "iteration"))))
     print(f"iteration / E-step GEMMs:           {sp['ratio']:.3f} (same rounds, wall), {sp['iteration_cpu_ratio']:.3f} "
-          f"(CPU time), {ours / e_floor:.3f} (median iteration / 4 N D K at the measured rate)   (target <= 1.2)")
+          f"(CPU time), {sp['iteration_best_ratio']:.3f} (best rounds, wall; E-step {sp['e_step_best_ratio']:.3f}), "
+          f"{ours / e_floor:.3f} (median iteration / 4 N D K at the measured rate)   (target <= 1.2)")
     print(f"matmul rate ({a.precision}, measured): {rate / 1e9:.1f} GFLOP/s over {n_dev} device(s)")
     print(f"matmul floor 8NDK/rate:             {floor:.4f} s   share of floor (floor / ours) = {floor / ours:.1%} "
           f"median, {floor / ours_best:.1%} best   (target: within 15%, i.e. >= 87%)")

@@ -193,13 +193,14 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, x: jax.Array, m: int, tol: 
     mx = val[0]
     e_kept = [jnp.exp(v - mx) for v in val]  # the first is 1
     # the only exp pass over [C, K]: the mass not kept, summed directly
-    s_rest = jnp.sum(jnp.where(_not_kept(k, idx), jnp.exp(logits - mx[:, None]), 0.0), axis=1)
+    unkept = jnp.where(_not_kept(k, idx), jnp.exp(logits - mx[:, None]), 0.0)
+    s_rest = jnp.sum(unkept, axis=1)
     inv = jnp.where(valid, 1.0 / (sum(e_kept) + s_rest), 0.0)
     lse = mx + jnp.log(sum(e_kept) + s_rest)
     for ek, i in zip(e_kept, idx):
         acc = add_segments(acc, ek * inv, i, x, centres)
-    if m == 0 or k == 1:
-        acc = _add_gemm(acc, _rest(logits, mx, inv, idx, valid), x, centres, dense)
+    if m == 0 or k == 1:  # the responsibilities not kept from the same exp pass (inv is 0 on rows not valid)
+        acc = _add_gemm(acc, unkept * inv[:, None], x, centres, dense)
         return lse, acc, rec, jnp.zeros((), logits.dtype), jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32)
     if rec is None or rows is None:
         raise ValueError("a sparse M-step (m > 0) records its fuzzy rows: pass rec and rows")
