@@ -79,9 +79,9 @@ def default_config_path(module) -> str | None:
 
 def _build_mesh(cfg):
     """Initialise multi-host and build the job's mesh (no side effects on disk); mesh errors name the key."""
-    from mmfm_jax import parallel
+    from mmfm_jax import distributed, parallel
 
-    parallel.maybe_initialize_distributed(cfg)
+    distributed.maybe_initialize_distributed(cfg)
     try:
         return parallel.mesh_from_config(cfg)
     except ValueError as e:

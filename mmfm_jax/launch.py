@@ -15,7 +15,7 @@
 - SLURM: ``srun`` starts one task per GPU (``--per=gpu``) or per node (``--per=node``); jax reads the SLURM
   environment (process id, count, coordinator = first node; one GPU per task from ``SLURM_LOCALID``).
 - local: N processes with ``MMFM_COORDINATOR_ADDRESS`` / ``MMFM_NUM_PROCESSES`` / ``MMFM_PROCESS_ID`` (read by
-  ``parallel.maybe_initialize_distributed``) on 127.0.0.1, each with ``--cpu-devices`` fake CPU devices, running
+  ``distributed.maybe_initialize_distributed``) on 127.0.0.1, each with ``--cpu-devices`` fake CPU devices, running
   ``python -m <--module, default mmfm_jax> <job> ...``.
 When one process of a local or SLURM launch fails, the others are stopped and its exit code is returned.
 """
@@ -206,7 +206,7 @@ def slurm_script(a: argparse.Namespace, job_argv: Sequence[str]) -> str:
     lines += ["set -euo pipefail", f"cd {shlex.quote(a.dir)}"]
     if a.venv:
         lines.append(f"source {a.venv}/bin/activate")
-    if not per_gpu:  # jax would give each task only GPU $SLURM_LOCALID (= 0); parallel.py reads this instead
+    if not per_gpu:  # jax would give each task only GPU $SLURM_LOCALID (= 0); distributed.py reads this instead
         lines.append(f"export MMFM_LOCAL_DEVICE_IDS={','.join(map(str, range(a.gpus_per_node)))}")
     for k, v in _env_pairs(a.env):
         lines.append(f"export {k}={shlex.quote(v)}")

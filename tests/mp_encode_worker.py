@@ -55,13 +55,13 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
-    from mmfm_jax import parallel
+    from mmfm_jax import distributed
     from mmfm_jax.cli import run_job
 
     repo = Path(__file__).resolve().parent.parent
     summary = run_job("encode", encode_config(repo, image_root, latent_dir), workdir)
     (workdir / f"summary-{pid}.json").write_text(json.dumps(summary, default=str))
-    parallel.sync("mp_encode_worker_done")
+    distributed.sync("mp_encode_worker_done")
     jax.distributed.shutdown()
 
 

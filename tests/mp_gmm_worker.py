@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 
-    from mmfm_jax import parallel
+    from mmfm_jax import distributed, parallel
     from mmfm_jax.gmm import em, io
 
     mesh = parallel.make_mesh()
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     res = {k: np.asarray(v) for k, v in res.items()}
     if pid == 0:
         np.savez(os.path.join(out_dir, "results.npz"), **res)
-    parallel.sync("mp_gmm_worker_done")
+    distributed.sync("mp_gmm_worker_done")
     jax.distributed.shutdown()
 
 

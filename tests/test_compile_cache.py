@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed
 
 
 def test_gs_compile_cache_is_written_and_read(gcs_dir, restore_jax_cache_settings, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"{gcs_dir}/xla_cache"
     cfg = ml_collections.ConfigDict(dict(compile_cache=uri, compile_cache_min_compile_s=0.0))
-    assert parallel.configure_compile_cache(cfg) == uri
+    assert distributed.configure_compile_cache(cfg) == uri
     assert jax.config.jax_persistent_cache_enable_xla_caches == "none"  # XLA's file caches need local paths
     hits = []
     jax.monitoring.register_event_listener(

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1] / "mmfm_jax"
 LAYERS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("config_utils", "torch_io"), "ConfigError and the checks that name a config key; the safe torch .pt reader"),
     (("storage",), "files on any store (local or gs://): atomic writes, JSON/npz, local copies, bucket checks"),
-    (("utils", "parallel", "config_files"), "metric writer, progress, dtypes; device mesh and multi-process set-up; "
-                                            "config files, command-line overrides, load_config"),
+    (("utils", "parallel", "distributed", "config_files"), "metric writer, progress, dtypes; device mesh and "
+                                                           "shardings; multi-process set-up; config files, "
+                                                           "command-line overrides, load_config"),
     (("workdir",), "the run folder: stages, locks, done markers, overwrite"),
     (("ops",), "numerical kernels shared by models, flow and data (e.g. the torch-exact resize)"),
     (("models", "gmm", "flow"), "networks (Flax NNX); Gaussian mixtures and the mode-coupling source; flow matching"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed, parallel
 
 
 def test_eight_devices():
@@ -119,7 +119,7 @@ def test_distributed_timeouts_and_base_config_validation():
     from mmfm_jax.config_utils import ConfigError, base_config, validate_base
 
     cfg = base_config()
-    assert parallel.distributed_timeouts(cfg.distributed) == dict(
+    assert distributed.distributed_timeouts(cfg.distributed) == dict(
         heartbeat_timeout_seconds=20, shutdown_timeout_seconds=300, initialization_timeout=300)
     validate_base(cfg)
     for key, bad in [("mesh.dcn_data", 0), ("mesh.dcn_data", -1), ("distributed.heartbeat_timeout_s", 0),
@@ -147,7 +147,7 @@ def test_maybe_initialize_distributed_passes_the_timeouts(monkeypatch):
     cfg = base_config()
     cfg.distributed.heartbeat_timeout_s = 7
     monkeypatch.delenv("MMFM_DISTRIBUTED", raising=False)
-    assert not parallel.maybe_initialize_distributed(cfg) and not calls
+    assert not distributed.maybe_initialize_distributed(cfg) and not calls
     monkeypatch.setenv("MMFM_DISTRIBUTED", "auto")
-    assert parallel.maybe_initialize_distributed(cfg)
+    assert distributed.maybe_initialize_distributed(cfg)
     assert calls == [dict(heartbeat_timeout_seconds=7, shutdown_timeout_seconds=300, initialization_timeout=300)]

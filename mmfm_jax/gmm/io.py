@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed
 from mmfm_jax.gmm.diag import DiagGMM
 from mmfm_jax.gmm.em import EMState, make_state
 from mmfm_jax.storage import as_path, copy_tree, is_local, read_json, write_json_atomic
@@ -50,23 +50,23 @@ def _gmm_dict(gmm: DiagGMM) -> dict:
 
 def _save(path: str | os.PathLike, sub: str, tree: Any, meta: dict, overwrite: bool) -> None:
     path = as_path(path)
-    if overwrite and parallel.is_main_process() and path.exists() and not path.is_dir():
+    if overwrite and distributed.is_main_process() and path.exists() and not path.is_dir():
         raise NotADirectoryError(path)
     arrays = path / sub
     meta_path = path / "metadata.json"
     if arrays.exists() and not overwrite:
         raise FileExistsError(f"{arrays} exists (pass overwrite=True to replace it)")
-    if parallel.is_main_process() and meta_path.exists():
+    if distributed.is_main_process() and meta_path.exists():
         meta_path.unlink()  # the save is incomplete until metadata.json is written again
-    parallel.sync("gmm_io_pre_save")
+    distributed.sync("gmm_io_pre_save")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(arrays, tree, force=overwrite)
     ckptr.wait_until_finished()
     ckptr.close()
-    parallel.sync("gmm_io_saved")
-    if parallel.is_main_process():
+    distributed.sync("gmm_io_saved")
+    if distributed.is_main_process():
         write_json_atomic(meta_path, meta)
-    parallel.sync("gmm_io_meta")
+    distributed.sync("gmm_io_meta")
 
 
 def _targets(path: Any, sharding: Any, mesh: Mesh | None) -> Any:
@@ -137,13 +137,13 @@ def save_em_state(path: str | os.PathLike, state: EMState, metadata: dict | None
                 n_components=state.params.n_components, dim=state.params.dim, metadata=dict(metadata or {}))
     path = as_path(path)
     tmp, old = _beside(path, ".tmp"), _beside(path, ".old")
-    if parallel.is_main_process() and tmp.exists():
+    if distributed.is_main_process() and tmp.exists():
         if not is_local(path) and _complete(tmp) and not _complete(path):
             _publish_remote(tmp, path)  # a copy that was interrupted: finish it before reusing tmp
         tmp.rmtree()  # left over from an interrupted save
-    parallel.sync("gmm_io_em_state_tmp")
+    distributed.sync("gmm_io_em_state_tmp")
     _save(tmp, "state", tree, meta, overwrite=False)
-    if parallel.is_main_process():
+    if distributed.is_main_process():
         if not is_local(path):
             _publish_remote(tmp, path)
             tmp.rmtree()
@@ -154,7 +154,7 @@ def save_em_state(path: str | os.PathLike, state: EMState, metadata: dict | None
                 os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-    parallel.sync("gmm_io_em_state_swap")
+    distributed.sync("gmm_io_em_state_swap")
 
 
 def _beside(path: Any, suffix: str) -> Any:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed, parallel
 from mmfm_jax.gmm.diag import DiagGMM, log_joint
 
 log = logging.getLogger(__name__)
@@ -301,11 +301,11 @@ def save_source(path: str | os.PathLike, source: ModeSource, metadata: dict[str,
             "means": source.means, "variances": source.variances}
     if jax.process_index() == 0 and (path / "metadata.json").exists():
         (path / "metadata.json").unlink()  # incomplete until it is written again
-    parallel.sync("save_source_start")
+    distributed.sync("save_source_start")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "arrays", tree, force=True)
         ckptr.wait_until_finished()
-    parallel.sync("save_source")
+    distributed.sync("save_source")
     if jax.process_index() == 0:
         meta = {"format": "mmfm_jax.ModeSource/1", "n_modes": source.n_modes, "table_rows": int(source.means.shape[0]),
                 "event_shape": list(source.event_shape), "cls_dim": int(source.gmm.means.shape[1]),

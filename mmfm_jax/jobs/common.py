@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 from jax.sharding import Mesh
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed, parallel
 from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.storage import as_path, check_store, write_json_atomic
 from mmfm_jax.utils import MetricWriter
@@ -144,15 +144,15 @@ def start_job(job: str, cfg: ml_collections.ConfigDict, workdir: str | epath.Pat
     fingerprint (``workdir.py``), create the workdir (local or ``gs://``; a missing or unreachable bucket fails
     here, naming the URI), write ``config.json``, open the writer. Call ``ctx.close()`` at the end."""
     check_store(workdir, "--workdir")
-    parallel.maybe_initialize_distributed(cfg)
-    parallel.configure_compile_cache(cfg)
+    distributed.maybe_initialize_distributed(cfg)
+    distributed.configure_compile_cache(cfg)
     mesh = parallel.mesh_from_config(cfg)
     workdir = as_path(workdir)
     lock = _guard_workdir(job, cfg, workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(workdir / "config.json", cfg.to_dict())
-    parallel.sync("workdir")
+    distributed.sync("workdir")
     writer = MetricWriter(workdir / "tb")
     log.info("%s: %d devices (%d processes), mesh %s, workdir %s", job, jax.device_count(), jax.process_count(),
              dict(mesh.shape), workdir)

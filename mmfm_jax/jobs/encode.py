@@ -29,7 +29,7 @@ import math
 import jax
 import ml_collections
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed, parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, validate_base
 from mmfm_jax.data import encoding
 from mmfm_jax.data import images as images_lib
@@ -103,7 +103,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
                                           n_total=n_total, per_shard=per_shard, global_batch=gb, mesh=mesh,
                                           flip_views=bool(cfg.output.flip_views),
                                           num_threads=int(cfg.data.num_threads))
-    parallel.sync("encode_shards")
+    distributed.sync("encode_shards")
     summary = dict(images=n_total, shards=n_shards, shards_written_now=len(todo), output=str(out),
                    grid=[grid, grid], dim=dim, encoder=spec.name)
     summary.update(encoding.gather_counts(bad, written))
@@ -112,5 +112,5 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
         manifest, stats = encoding.finalize_dataset(writer, out, n_shards, imported, bool(cfg.stats.keep_mean))
         summary["stats"] = f"imported {cfg.stats.import_path}" if stats is None else stats
         summary["num_examples"] = manifest["num_examples"]
-    parallel.sync("encode_done")
+    distributed.sync("encode_done")
     return summary

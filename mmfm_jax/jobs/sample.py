@@ -37,7 +37,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed, parallel
 from mmfm_jax.config_utils import ConfigError, check, check_choice, check_positive, config_errors, validate_base
 from mmfm_jax.flow import gmflow
 from mmfm_jax.models import encoders
@@ -143,7 +143,7 @@ def run(cfg: ml_collections.ConfigDict, ctx) -> dict:
     if ctx.is_main:
         for o in outs:
             o.mkdir(parents=True, exist_ok=True)
-    parallel.sync("sample_dir")
+    distributed.sync("sample_dir")
     todo = sample_io.pending_sample_shards(outs, n_shards)
     nfe = int(cfg.sampler.num_points) - 1
     gname = "probabilistic AutoGuidance" if mcfg.head == "gm" else "AutoGuidance"

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed, parallel
 from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.storage import as_path, copy_tree, is_local
 from mmfm_jax.train.checksums import CHECKSUM_FORMAT, leaf_shapes, state_checksums, verify_checksums
@@ -260,7 +260,7 @@ class Checkpointer:
                     else:  # an object store has no folders to rename: copy the objects, then delete them
                         copy_tree(src, dst)
                         src.rmtree()
-        parallel.sync("checkpoint_quarantine")
+        distributed.sync("checkpoint_quarantine")
         self.mngr.reload()
 
 

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmfm_jax import parallel
+from mmfm_jax import distributed, parallel
 from mmfm_jax.config_utils import ConfigError
 from mmfm_jax.data.shards import pending_shards
 from mmfm_jax.models import encoders
@@ -144,7 +144,7 @@ def write_sample_shards(fn: Callable, args: tuple, outs: list[Any], todo: list[i
                 save_npz_atomic(shard_path(o, s), arr_0=a, index=np.arange(lo, hi), mode=np.concatenate(modes))
                 if s == 0 and grids is not None:
                     write_grid(grids[j], a[:64])
-        parallel.sync(f"sample_shard_{s}")
+        distributed.sync(f"sample_shard_{s}")
     bar.close()
 
 
