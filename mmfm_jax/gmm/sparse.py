@@ -18,13 +18,14 @@ the dense GEMM (half of an iteration's 8 N D K FLOP) mostly multiplies zeros. Th
 directly from the entries not kept (no ``1 - kept`` cancellation). A row that would leave out more than ``tol`` is
 *recorded* (:class:`Pending`: its position, kept components, row maximum and normaliser) and completed after the
 chunk loop by :func:`complete`, which recomputes those rows' log-densities and adds the rest of their
-responsibilities by small GEMMs, in blocks; a chunk with more than ``C // 16`` such rows takes the GEMM over all
-its rows instead (in blocks of ``C // 16`` rows, ``lax.cond``). So every row's statistics are either exact or miss
-at most ``tol`` of its unit mass: early, fuzzy iterations run dense, settled ones sparse, with no state carried
-between iterations.
+responsibilities by small GEMMs, in blocks of ``C // 4`` recorded rows; a chunk with more than ``C // 16`` such rows
+takes the GEMM over all its rows instead (in blocks of ``C // 4`` rows, ``lax.cond``). So every row's statistics
+are either exact or miss at most ``tol`` of its unit mass: early, fuzzy iterations run dense, settled ones sparse,
+with no state carried between iterations.
 
-The tables are summed in the working dtype directly, chunk after chunk (no compensation): each component's
-centred sums add at most the rows assigned to it, small values that do not cancel against a large total.
+The tables are summed in the working dtype directly, chunk after chunk (no compensation: docs/gmm.md,
+"Summation"): a component's centred sums add the rows assigned to it, small terms that do not cancel against a
+large total.
 """
 
 from __future__ import annotations
@@ -142,23 +143,23 @@ def pending(capacity: int, m: int, dtype) -> Pending:
                    jnp.zeros((capacity,), dtype), jnp.zeros((), jnp.int32))
 
 
-def block_rows(chunk: int) -> int:
-    """Rows per dense block of a ``chunk``-row chunk, and the most rows one chunk records: ``chunk // 16``."""
+def record_rows(chunk: int) -> int:
+    """The most rows one ``chunk``-row chunk records (more: the chunk runs dense): ``chunk // 16``."""
     return max(1, chunk // 16)
 
 
 def completion_rows(chunk: int) -> int:
-    """Rows per block of :func:`complete` for ``chunk``-row chunks: ``chunk // 4`` (a settled chunk records a few
-    rows: one block usually holds several chunks' rows)."""
+    """Rows per block of :func:`complete` and of a dense chunk's GEMM for ``chunk``-row chunks: ``chunk // 4`` (a
+    settled chunk records a few rows: one block usually holds several chunks' rows)."""
     return max(1, chunk // 4)
 
 
 def capacity(n_chunks: int, chunk: int) -> int:
-    """The :class:`Pending` capacity that never overflows: each chunk records at most :func:`block_rows` rows (a
+    """The :class:`Pending` capacity that never overflows: each chunk records at most :func:`record_rows` rows (a
     chunk with more runs dense), plus room for the last chunk's fixed-size write; a multiple of
     :func:`completion_rows`."""
     b = completion_rows(chunk)
-    return -(-(n_chunks + 1) * block_rows(chunk) // b) * b
+    return -(-(n_chunks + 1) * record_rows(chunk) // b) * b
 
 
 def _rest(logits, mx, inv, kept, valid):
@@ -207,7 +208,7 @@ def chunk_stats(logits: jax.Array, valid: jax.Array, x: jax.Array, m: int, tol: 
     left = s_rest * inv
     fuzzy = left > tol
     n_fuzzy = jnp.sum(fuzzy.astype(jnp.int32))
-    cap = block_rows(c)
+    cap = record_rows(c)
     many = n_fuzzy > cap
 
     def full_dense(ops):  # block by block: a [C, K] GEMM inside a branch costs XLA:CPU ~2x a sparse chunk even
