@@ -124,3 +124,16 @@ def test_recorded_rows_are_completed_across_chunks_and_blocks_in_float64():
                                rtol=1e-13)
     np.testing.assert_allclose(np.asarray(g1.means), np.asarray(g0.means), rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(np.asarray(g1.variances), np.asarray(g0.variances), rtol=1e-11)
+
+
+def test_default_chunk_per_backend():
+    """chunk_size=None: 1024 rows on CPUs (cache-resident temporaries), 4096 on accelerators."""
+    import types
+
+    mesh = parallel.make_mesh(None, jax.devices()[:1])
+    assert em.default_chunk(mesh) == em.CPU_CHUNK == 1024
+    tpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]))
+    assert em.default_chunk(tpu) == em.ACCELERATOR_CHUNK == 4096
+    x = np.random.default_rng(1).normal(size=(2100, 3)).astype(np.float32)
+    _, info = em.fit(x, 2, mesh=mesh, max_iter=1)
+    assert info["chunk_size"] == 1024 and info["n_chunks"] == 3
