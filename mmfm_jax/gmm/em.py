@@ -3,12 +3,14 @@
 Layout: data ``x [N, D]`` split along N (logical axis ``samples``) over every device of the mesh, padded to a
 multiple of the number of shards; padding rows are masked (:mod:`mmfm_jax.gmm.samples`). One EM iteration is one
 jitted call: a ``shard_map`` scans each device's shard in chunks of ``chunk_size`` rows (so a device never holds
-more than chunk x K responsibilities) and accumulates N_k, the centred sums ``sum r (x - c)``, ``sum r (x - c)^2``
-and the log-likelihood with Kahan compensation; they are ``psum``-ed over the devices and the M-step runs
-replicated. Per chunk: the E-step GEMM ``logits = c_k - 0.5 [x^2, x] @ [prec; -2 mu prec]^T``, one exp pass, and the
-M-step statistics (:mod:`mmfm_jax.gmm.sparse`): each row's largest responsibility by a centred segment sum, the
-others by the GEMM ``r^T @ [x^2, x]`` (8 N D K FLOP per iteration in all; no N x K x D intermediate) or, with
-``m_step_top``, by segment sums of the next largest ones. GEMM precision: :mod:`mmfm_jax.gmm.precision`; with a
+more than chunk x K responsibilities; default :func:`default_chunk`) and accumulates N_k and the centred sums
+``sum r (x - c)``, ``sum r (x - c)^2`` in place in loop-carried tables, and the log-likelihood with Kahan
+compensation; they are ``psum``-ed over the devices and the M-step runs replicated. Per chunk: the E-step GEMMs
+``logits = c_k - 0.5 (x^2 @ prec^T + x @ (-2 mu prec)^T)``, one exp pass, and the M-step statistics
+(:mod:`mmfm_jax.gmm.sparse`): each row's largest responsibility by a centred segment sum, the others by the GEMM
+``r^T @ [x^2, x]`` (8 N D K FLOP per iteration in all; no N x K x D intermediate) or, with ``m_step_top``, by
+segment sums of the next largest ones (rows that would leave out more than ``m_step_tol`` are recorded and
+completed after the chunk loop). GEMM precision: :mod:`mmfm_jax.gmm.precision`; with a
 low-precision E-step each row's largest log-density is recomputed directly (``exact_top``, see :func:`fit`).
 
 Numerics: the data are shifted by a fixed per-feature reference (the float64 mean of up to 4096 evenly spaced rows;
