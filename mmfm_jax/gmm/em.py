@@ -150,7 +150,7 @@ def _build_step(mesh: Mesh, axes: tuple[str, ...], n: int, local_len: int, chunk
         carry = ((zero, zero), None, None, zero, jnp.zeros((2,), jnp.int32))
         if not m_stats:
             ((ll, _), *_), _ = lax.scan(body, carry, jnp.arange(n_chunks))
-            return psum((ll,), axes), (zero, psum(carry[-1], axes))
+            return psum((ll,), axes), carry[3:]
 
         rec = sparse.pending(sparse.capacity(n_chunks, chunk), max(1, m_top), dt) if m_top else None
         carry = carry[:1] + (sparse.zeros(k, d, dt), rec) + carry[3:]
@@ -188,6 +188,11 @@ def default_chunk(mesh: Mesh) -> int:
     return CPU_CHUNK if mesh.devices.flat[0].platform == "cpu" else ACCELERATOR_CHUNK
 
 
+def chunk_rows(chunk_size: int | None, mesh: Mesh, local_len: int) -> int:
+    """The rows per chunk EM runs: ``chunk_size`` (None or 0: :func:`default_chunk`), at most a device's rows."""
+    return max(1, min(int(chunk_size or default_chunk(mesh)), local_len))
+
+
 def _check_params(gmm: DiagGMM, k: int, d: int) -> None:
     shapes = (tuple(gmm.weights.shape), tuple(gmm.means.shape), tuple(gmm.variances.shape))
     if shapes != ((k,), (k, d), (k, d)):
@@ -212,7 +217,7 @@ def fit(x: Any, n_components: int, *, dtype: str = "float32", **kwargs) -> tuple
     ``x``: numpy (the full array, identical on every process), a global ``jax.Array`` (e.g. from
     ``parallel.host_to_global`` of per-process rows), or a :class:`ShardedSamples` from :func:`shard_samples` (to
     reuse one placement for several fits). ``mesh``: default all devices (``parallel.make_mesh()``).
-    ``chunk_size``: rows per chunk per device (default :func:`default_chunk`: 1024 on CPUs, 4096 on accelerators).
+    ``chunk_size``: rows per chunk per device (None or 0: :func:`default_chunk`, 1024 on CPUs, 4096 on accelerators).
 
     ``dtype``: ``float32`` (default) or ``float64``: data, parameters, statistics and GEMMs in float64, with JAX's
     64-bit types enabled only while the fit runs (``jax.enable_x64``); the returned parameters are float64 arrays
@@ -272,8 +277,9 @@ def _fit(
     gemms: tuple[Gemm, Gemm] | None = None,
 ) -> tuple[DiagGMM, dict]:
     k = int(n_components)
-    if k < 1 or (chunk_size is not None and chunk_size < 1) or max_iter < 0 or tol < 0 or reg_covar < 0:
-        raise ValueError("need n_components >= 1, chunk_size >= 1, max_iter >= 0, tol >= 0, reg_covar >= 0")
+    if k < 1 or (chunk_size or 0) < 0 or max_iter < 0 or tol < 0 or reg_covar < 0:
+        raise ValueError("need n_components >= 1, chunk_size >= 0 (0 or None: default_chunk), max_iter >= 0, "
+                         "tol >= 0, reg_covar >= 0")
     m_top = int(m_step_top)
     if m_top < 0 or not 0 <= m_step_tol < 1:
         raise ValueError(f"need m_step_top >= 0 (0: dense M-step) and 0 <= m_step_tol < 1, got {m_step_top}, "
@@ -314,7 +320,7 @@ def _fit(
             raise ValueError(f"init must be 'k-means++', a DiagGMM or {k} row indices, got {init!r}")
     jax.block_until_ready(params)
     init_seconds = time.perf_counter() - t0
-    chunk = max(1, min(int(chunk_size or default_chunk(mesh)), data.local_len))
+    chunk = chunk_rows(chunk_size, mesh, data.local_len)
     if exact_top is None:
         exact_top = dtype == "float64" or precs[0] != lax.Precision.HIGHEST
     step = _build_step(mesh, data.axes, data.n, data.local_len, chunk, k, d, precs, bool(exact_top), m_top,
@@ -356,8 +362,8 @@ def score(x: Any, gmm: DiagGMM, *, mesh: Mesh | None = None, chunk_size: int | N
         data = x if isinstance(x, ShardedSamples) else shard_samples(x, mesh)
         k = int(gmm.weights.shape[0])
         _check_params(gmm, k, data.dim)
-        chunk = max(1, min(int(chunk_size or default_chunk(data.mesh)), data.local_len))
-        step = _build_step(data.mesh, data.axes, data.n, data.local_len, chunk,
-                           k, data.dim, step_precisions(precision), bool(exact_top), dtype=dtype, m_stats=False)
+        step = _build_step(data.mesh, data.axes, data.n, data.local_len,
+                           chunk_rows(chunk_size, data.mesh, data.local_len), k, data.dim,
+                           step_precisions(precision), bool(exact_top), dtype=dtype, m_stats=False)
         shift, reg, nke = replicate((data.shift, 0.0, NK_EPS), data.mesh, dtype)
         return float(step(data.x, replicate(gmm, data.mesh, dtype), shift, reg, nke)[1])

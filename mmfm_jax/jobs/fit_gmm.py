@@ -99,7 +99,7 @@ def fit_cls_gmm(cfg: ml_collections.ConfigDict, ctx, cls) -> tuple[diag.DiagGMM,
                                       checkpoint_every=int(g.checkpoint_every), on_iteration=on_iteration,
                                       before_checkpoint=ctx.writer.flush, dtype=g.dtype, seed=int(g.seed),
                                       init=g.init, max_iter=int(g.max_iter), tol=float(g.tol),
-                                      reg_covar=float(g.reg_covar), chunk_size=int(g.chunk_size) or None,
+                                      reg_covar=float(g.reg_covar), chunk_size=int(g.chunk_size),
                                       precision=g.precision, m_step_top=int(g.m_step_top))
     bar.close()
     return gmm, info

@@ -185,7 +185,7 @@ def fit_gmm_programs(cfg: ml_collections.ConfigDict, mesh, n_samples: int = 0) -
     axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     n_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     local_len = -(-n // n_shards)
-    chunk = max(1, min(int(g.chunk_size) or em.default_chunk(mesh), local_len))
+    chunk = em.chunk_rows(int(g.chunk_size), mesh, local_len)
     precs = step_precisions(g.precision)
     exact_top = precs[0] != jax.lax.Precision.HIGHEST
     m_top = int(g.m_step_top)

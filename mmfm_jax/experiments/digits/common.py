@@ -34,7 +34,7 @@ def fit_source(cfg, mesh, train: dict[str, np.ndarray]) -> tuple[ModeSource, dic
     """EM on the [CLS] vectors, then the spatial pass (hard assignment, per-mode mean + scalar variance)."""
     g = cfg.gmm
     gmm, info = em.fit(train["cls"], int(g.n_components), mesh=mesh, seed=int(cfg.seed), max_iter=int(g.max_iter),
-                       tol=float(g.tol), reg_covar=float(g.reg_covar), chunk_size=int(g.chunk_size) or None)
+                       tol=float(g.tol), reg_covar=float(g.reg_covar), chunk_size=int(g.chunk_size))
     from mmfm_jax.gmm.diag import predict
 
     labels = np.asarray(predict(gmm, jnp.asarray(train["cls"])))
